@@ -1,0 +1,251 @@
+"""The instrument: pixel grids, supersampling, PSF kernels and convolution, noise, S/N.
+
+Conventions (method.md): ``img[..., i, j]`` has row i along +y and column j along +x; pixel centres
+sit at ``x_j = (j - (N - 1)/2) * pixel_scale`` (arcsec), likewise in y.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def pixel_grid(npix, pixel_scale, *, supersample=1, pad=0, dtype=None, device=None):
+    """Coordinates of pixel (or sub-pixel) centres.
+
+    Parameters
+    ----------
+    npix : int or (int, int)
+        Number of pixels (ny, nx); an int means square.
+    pixel_scale : float
+        Pixel size, arcsec.
+    supersample : int
+        Sub-pixels per pixel along each axis (>= 1).
+    pad : int
+        Extra pixels on every side (for PSF edge handling).
+
+    Returns
+    -------
+    x, y : Tensor, shape ((ny + 2 pad) * ss, (nx + 2 pad) * ss)
+        Positions in arcsec.
+
+    Examples
+    --------
+    >>> x, y = pixel_grid(4, 0.5)
+    >>> x[0].tolist()
+    [-0.75, -0.25, 0.25, 0.75]
+    """
+    ny, nx = (npix, npix) if isinstance(npix, int) else npix
+    if ny < 1 or nx < 1:
+        raise ValueError(f"npix must be positive, got {npix}")
+    if not pixel_scale > 0 or not math.isfinite(pixel_scale):
+        raise ValueError(f"pixel_scale must be a positive number of arcsec, got {pixel_scale}")
+    if int(supersample) != supersample or supersample < 1:
+        raise ValueError(f"supersample must be a positive integer, got {supersample}")
+    dtype = dtype or torch.get_default_dtype()
+
+    def axis(n):
+        m = (n + 2 * pad) * supersample
+        k = torch.arange(m, dtype=dtype, device=device)
+        return (k - (m - 1) / 2.0) * (pixel_scale / supersample)
+
+    y, x = torch.meshgrid(axis(ny), axis(nx), indexing="ij")
+    return x, y
+
+
+def bin_pixels(image, factor):
+    """Average ``factor x factor`` blocks: sub-pixel surface brightness -> pixel values."""
+    if factor == 1:
+        return image
+    lead = image.shape[:-2]
+    out = F.avg_pool2d(image.reshape(-1, 1, *image.shape[-2:]), factor)
+    return out.reshape(*lead, *out.shape[-2:])
+
+
+def gaussian_psf(sigma, pixel_scale, size=None, *, dtype=None, device=None):
+    """A normalised, pixel-integrated circular Gaussian PSF kernel.
+
+    Parameters
+    ----------
+    sigma : float
+        Standard deviation, arcsec (> 0).
+    pixel_scale : float
+        Pixel size, arcsec.
+    size : int, optional
+        Odd kernel width in pixels; default covers +-5 sigma.
+
+    Returns
+    -------
+    Tensor (size, size), summing to 1.
+
+    Examples
+    --------
+    >>> k = gaussian_psf(0.05, 0.04)
+    >>> round(float(k.sum()), 12), k.shape[0] % 2
+    (1.0, 1)
+    """
+    if not sigma > 0:
+        raise ValueError(f"PSF sigma must be positive (arcsec), got {sigma}")
+    s = sigma / pixel_scale
+    if size is None:
+        size = 2 * int(math.ceil(5.0 * s)) + 1
+    if size % 2 != 1 or size < 1:
+        raise ValueError(f"PSF size must be a positive odd number of pixels, got {size}")
+    dtype = dtype or torch.get_default_dtype()
+    edges = (torch.arange(size + 1, dtype=torch.float64) - size / 2.0) / (s * math.sqrt(2.0))
+    mass = torch.diff(torch.special.erf(edges)) / 2.0
+    kernel = torch.outer(mass, mass)
+    return (kernel / kernel.sum()).to(dtype=dtype, device=device)
+
+
+def pixel_psf(kernel, *, normalise=True, centre_tolerance=0.5):
+    """Validate (and normalise) a pixel PSF kernel, e.g. read from a FITS file.
+
+    Parameters
+    ----------
+    kernel : array_like (ny, nx)
+        Odd-sized, finite kernel; its centroid must lie within ``centre_tolerance`` pixels of the
+        central pixel.
+    normalise : bool
+        Divide by the sum so the PSF conserves flux.
+
+    Returns
+    -------
+    Tensor (ny, nx)
+    """
+    k = torch.as_tensor(kernel)
+    if not k.is_floating_point():
+        k = k.to(torch.get_default_dtype())
+    if k.ndim != 2 or k.shape[0] % 2 != 1 or k.shape[1] % 2 != 1:
+        raise ValueError(f"PSF kernel must be 2-d with odd sides, got shape {tuple(k.shape)}")
+    if not torch.isfinite(k).all():
+        raise ValueError("PSF kernel contains non-finite values")
+    total = k.sum()
+    if not total > 0:
+        raise ValueError(f"PSF kernel must have a positive sum, got {float(total)}")
+    iy, ix = torch.meshgrid(torch.arange(k.shape[0], dtype=k.dtype) - k.shape[0] // 2,
+                            torch.arange(k.shape[1], dtype=k.dtype) - k.shape[1] // 2,
+                            indexing="ij")
+    cy, cx = float((iy * k).sum() / total), float((ix * k).sum() / total)
+    if math.hypot(cx, cy) > centre_tolerance:
+        raise ValueError(f"PSF kernel is not centred: centroid offset ({cx:.2f}, {cy:.2f}) px")
+    return k / total if normalise else k
+
+
+def convolve(image, kernel, *, mode="same", method="auto"):
+    """Convolve images with a PSF kernel (true convolution, kernel flipped).
+
+    Parameters
+    ----------
+    image : Tensor (..., H, W)
+    kernel : Tensor (kh, kw), odd sides
+    mode : {"same", "valid"}
+        "same" pads with zeros (light beyond the edge is lost); "valid" returns
+        (H - kh + 1, W - kw + 1) and is exact when the caller ray-traced a border of
+        kh // 2, kw // 2 pixels, which is what :class:`difflens.simulate.Simulator` does.
+    method : {"auto", "direct", "fft"}
+        Direct ``conv2d`` or FFT; "auto" picks direct for kernels up to 21x21 (faster on CPU in
+        ``benchmarks/psf_convolution.py``) and FFT above.
+
+    Returns
+    -------
+    Tensor (..., H', W')
+    """
+    kh, kw = kernel.shape
+    if method == "auto":
+        method = "direct" if max(kh, kw) <= 21 else "fft"
+    lead = image.shape[:-2]
+    h, w = image.shape[-2:]
+    img = image.reshape(-1, 1, h, w)
+    ker = kernel.to(image.dtype)
+    if method == "direct":
+        pad = (kh // 2, kw // 2) if mode == "same" else 0
+        out = F.conv2d(img, ker.flip(-1, -2)[None, None], padding=pad)
+    elif method == "fft":
+        fh, fw = h + kh - 1, w + kw - 1
+        spec = torch.fft.rfft2(img, s=(fh, fw)) * torch.fft.rfft2(ker, s=(fh, fw))
+        full = torch.fft.irfft2(spec, s=(fh, fw))
+        if mode == "same":
+            out = full[..., kh // 2:kh // 2 + h, kw // 2:kw // 2 + w]
+        else:
+            out = full[..., kh - 1:h, kw - 1:w]
+    else:
+        raise ValueError(f"method must be 'auto', 'direct' or 'fft', got {method!r}")
+    return out.reshape(*lead, *out.shape[-2:])
+
+
+def add_noise(image, noise_sigma, *, generator=None):
+    """Add Gaussian pixel noise.
+
+    Parameters
+    ----------
+    image : Tensor (..., H, W)
+    noise_sigma : float or Tensor broadcastable to the image (a noise map)
+        Standard deviation per pixel, image units, >= 0.
+    generator : torch.Generator, optional
+        For reproducible noise.
+    """
+    sigma = torch.as_tensor(noise_sigma, dtype=image.dtype, device=image.device)
+    if not torch.isfinite(sigma).all() or (sigma < 0).any():
+        raise ValueError("noise_sigma must be finite and non-negative")
+    noise = torch.randn(image.shape, generator=generator, dtype=image.dtype, device=image.device)
+    return image + sigma * noise
+
+
+def signal_to_noise(image, noise_sigma, pixel_scale, *, blur_sigma=0.16):
+    """The paper's S/N of an observation (Chianese et al. 2019, eqs. 24-25).
+
+    The image is blurred with a Gaussian of ``blur_sigma`` arcsec; the mask ``m`` keeps pixels
+    where the blurred image is >= ``noise_sigma``; ``S/N = sum(m I) / (noise_sigma sqrt(sum m))``.
+
+    Parameters
+    ----------
+    image : Tensor (..., H, W)
+        Observed image.
+    noise_sigma : float
+        Pixel noise, image units, > 0.
+    pixel_scale : float
+        arcsec per pixel.
+
+    Returns
+    -------
+    Tensor (...)
+    """
+    if not noise_sigma > 0:
+        raise ValueError(f"noise_sigma must be positive, got {noise_sigma}")
+    kernel = gaussian_psf(blur_sigma, pixel_scale, dtype=image.dtype, device=image.device)
+    blurred = convolve(image, kernel, mode="same")
+    mask = (blurred >= noise_sigma).to(image.dtype)
+    n = mask.sum(dim=(-2, -1))
+    return (mask * image).sum(dim=(-2, -1)) / (noise_sigma * torch.sqrt(n.clamp_min(1.0)))
+
+
+def gaussian_log_likelihood(model, data, noise_sigma, mask=None):
+    """Gaussian pixel log-likelihood (Chianese et al. 2019, eq. 9).
+
+        log L = -1/2 sum_i m_i [((d_i - model_i) / sigma_i)^2 + log(2 pi sigma_i^2)]
+
+    Parameters
+    ----------
+    model : Tensor (..., H, W)
+        Predicted image(s); a leading batch gives one value per image.
+    data : Tensor (H, W)
+        Observed image.
+    noise_sigma : float or Tensor (H, W)
+        Pixel noise (scalar or noise map), image units, > 0.
+    mask : Tensor (H, W) of bool, optional
+        True for pixels that enter the likelihood.
+
+    Returns
+    -------
+    Tensor (...)
+    """
+    sigma = torch.as_tensor(noise_sigma, dtype=model.dtype, device=model.device)
+    if not torch.isfinite(sigma).all() or (sigma <= 0).any():
+        raise ValueError("noise_sigma must be finite and positive")
+    chi = (data - model) / sigma
+    terms = chi * chi + torch.log(2.0 * math.pi * sigma * sigma)
+    if mask is not None:
+        terms = torch.where(mask, terms, torch.zeros_like(terms))
+    return -0.5 * terms.sum(dim=(-2, -1))

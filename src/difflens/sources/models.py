@@ -1,0 +1,68 @@
+"""Source descriptions handed to :class:`difflens.simulate.Simulator`.
+
+A source is a callable ``source(bx, by) -> brightness`` on ray-traced source-plane positions of
+shape (B, *S) (B = 1 for a single lens), returning (B', *S) with B' the common batch size.  The two
+built-ins below validate their parameters once, at construction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._params import as_param, check_range
+from .image import IMAGE_PARAMS, sample_image
+from .sersic import SERSIC_PARAMS, sersic_profile, validate_sersic
+
+
+def _column(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Reshape a () or (B,) parameter to broadcast against (B, *S) with len(S) = ndim."""
+    return t.reshape(-1, *([1] * ndim))
+
+
+@dataclass
+class Sersic:
+    """Elliptical Sersic source (see :func:`difflens.sources.sersic` for units).
+
+    Examples
+    --------
+    >>> src = Sersic(amp=1.0, r_e=0.25, n=1.5, q=0.8, phi=1.0, x0=0.1, y0=0.05)
+    """
+
+    amp: object
+    r_e: object
+    n: object
+    q: object = 1.0
+    phi: object = 0.0
+    x0: object = 0.0
+    y0: object = 0.0
+
+    def __call__(self, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        p = validate_sersic({k: getattr(self, k) for k in SERSIC_PARAMS}, bx, prefix="source ")
+        nd = bx.ndim - 1
+        return sersic_profile(bx, by, **{k: _column(v, nd) for k, v in p.items()})
+
+
+@dataclass
+class PixelSource:
+    """A pixel stamp (e.g. a VAE decoder output) placed by centre, half-width and amplitude.
+
+    Parameters
+    ----------
+    image : Tensor (H, W) or (B, H, W)
+        The stamp, dimensionless; row i along +y, column j along +x.
+    x0, y0 : centre, arcsec.  s : half-width of the stamp, arcsec.  amp : amplitude (iota).
+    """
+
+    image: torch.Tensor
+    x0: object = 0.0
+    y0: object = 0.0
+    s: object = 1.0
+    amp: object = 1.0
+
+    def __call__(self, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        p = {k: as_param("source " + k, getattr(self, k), bx) for k in IMAGE_PARAMS}
+        check_range("source s", p["s"], 0.0, math.inf)
+        img = self.image if self.image.ndim == 3 else self.image[None]
+        return sample_image(img.to(bx.dtype), bx, by, **p)
