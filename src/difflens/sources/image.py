@@ -3,8 +3,9 @@
     I_src(beta) = amp * d((beta - c_src) / s),
 
 where ``d`` is a stamp (e.g. the VAE decoder output) spanning [-s, s] arcsec about the centre
-``c_src = (x0, y0)`` on both axes, evaluated by bilinear interpolation between pixel centres and
-zero outside the stamp.  Row i of the stamp runs along +y, column j along +x (``origin="lower"``),
+``c_src = (x0, y0)`` on both axes: its H x W pixels tile that square.  Brightness is the bilinear
+interpolation between pixel centres, with zero-valued pixels assumed beyond the border, so it is
+continuous and falls to exactly zero half a pixel outside [-s, s] (zero everywhere beyond).  Row i of the stamp runs along +y, column j along +x (``origin="lower"``),
 the convention of every image in difflens.
 """
 from __future__ import annotations

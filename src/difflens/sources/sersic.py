@@ -4,7 +4,8 @@
 
 with (x', y') the frame centred on (x0, y0) and rotated by phi (major axis along x'), so ``r_e``
 is the major-axis half-light radius and ``amp`` the surface brightness at ``r_e``.  ``b_n`` is the
-asymptotic expansion of Ciotti & Bertin (1999, eq. 18), accurate to < 1e-6 for n > 0.36.
+asymptotic expansion of Ciotti & Bertin (1999, eq. 18); the light it encloses within ``r_e`` is
+0.5 to within 1.3e-4 at n = 0.5, 1.3e-5 at n = 1 and 1e-6 for n >= 4 (tested).
 """
 from __future__ import annotations
 
