@@ -145,8 +145,8 @@ def convolve(image, kernel, *, mode="same", method="auto"):
         (H - kh + 1, W - kw + 1) and is exact when the caller ray-traced a border of
         kh // 2, kw // 2 pixels, which is what :class:`difflens.simulate.Simulator` does.
     method : {"auto", "direct", "fft"}
-        Direct ``conv2d`` or FFT; "auto" picks direct for kernels up to 21x21 (faster on CPU in
-        ``benchmarks/psf_convolution.py``) and FFT above.
+        Direct ``conv2d`` or FFT; "auto" picks direct only for kernels up to 7x7: on CPU the FFT
+        is faster from 13x13 up, already for one image (``benchmarks/psf_convolution.py``).
 
     Returns
     -------
@@ -154,7 +154,7 @@ def convolve(image, kernel, *, mode="same", method="auto"):
     """
     kh, kw = kernel.shape
     if method == "auto":
-        method = "direct" if max(kh, kw) <= 21 else "fft"
+        method = "direct" if max(kh, kw) <= 7 else "fft"
     lead = image.shape[:-2]
     h, w = image.shape[-2:]
     img = image.reshape(-1, 1, h, w)
