@@ -29,6 +29,37 @@ def _cmd_lens_figure(args):
     print(f"wrote {out}")
 
 
+def _cmd_train_vae(args):
+    import json
+    from pathlib import Path
+
+    from .datasets.cosmos import Selection
+    from .sources.vae import VAEConfig
+    from .sources.vae_training import (TrainConfig, prepare_training_data, reconstruction_chi2,
+                                       train_vae)
+
+    sel = Selection(min_size=args.min_size,
+                    snr_range=None if args.no_snr_cut else (args.snr_min, args.snr_max))
+    data = prepare_training_data(args.cosmos_root, n_synthetic=args.n_synthetic, selection=sel,
+                                 seed=args.seed, workdir=args.workdir)
+    print(f"training stamps {len(data['train'])}, validation stamps {len(data['val'])}, "
+          f"held-out real test galaxies {len(data['test'])}")
+    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
+                      patience=args.patience, max_minutes=args.max_minutes, seed=args.seed,
+                      prior_scale=args.prior_scale)
+    vae = train_vae(data["train"], data["val"], args.workdir, VAEConfig(width=args.width), cfg,
+                    card=data["card"])
+    if len(data["test"]):
+        chi2 = reconstruction_chi2(vae, data["test"])
+        vae.card["test_chi2_per_pixel"] = [round(float(c), 3) for c in chi2]
+        vae.card["test_chi2_per_pixel_mean"] = round(float(chi2.mean()), 3)
+    out = Path(args.out)
+    vae.save(out / "vae_decoder.pt", out / "vae_encoder.pt")
+    (out / "vae_card.json").write_text(json.dumps(vae.card, indent=1, default=str))
+    print(json.dumps({k: v for k, v in vae.card.items() if not k.startswith("real_")},
+                     indent=1, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflens", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
                           ("g1", 0.03), ("g2", -0.02)):
         p.add_argument(f"--{name}", type=float, default=default)
     p.set_defaults(func=_cmd_lens_figure)
+
+    p = sub.add_parser("train-vae", help="train the VAE source prior (Pyro SVI)")
+    p.add_argument("--cosmos-root", required=True,
+                   help="folder holding GalSim real_galaxy_catalog*.fits files (searched recursively)")
+    p.add_argument("--out", default="data", help="where vae_decoder.pt / vae_encoder.pt go")
+    p.add_argument("--workdir", default="build/vae", help="checkpoints (a rerun resumes)")
+    p.add_argument("--n-synthetic", type=int, default=6000)
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = paper)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-epochs", type=int, default=60)
+    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--prior-scale", type=float, default=9.0)
+    p.add_argument("--min-size", type=int, default=64)
+    p.add_argument("--snr-min", type=float, default=15.0)
+    p.add_argument("--snr-max", type=float, default=50.0)
+    p.add_argument("--no-snr-cut", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train_vae)
     return parser
 
 

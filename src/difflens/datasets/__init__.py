@@ -1,0 +1,1 @@
+"""Galaxy images, synthetic galaxies and mock lens observations."""
