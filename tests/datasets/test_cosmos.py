@@ -1,0 +1,85 @@
+"""The COSMOS loader on the real files in ../shared/data (skipped where they are absent)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from difflens.datasets.cosmos import Selection, crop_and_downscale, load_cosmos, read_catalog, split
+
+ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "hst_galaxy_stamps"
+pytestmark = pytest.mark.skipif(not ROOT.exists(), reason="../shared/data not available")
+
+
+def header_shapes(catalog):
+    """Stamp shapes read straight from the FITS headers (independent of the loader)."""
+    from astropy.io import fits
+
+    with fits.open(catalog) as h:
+        cat = h[1].data
+        shapes = []
+        for name, hdu in zip(cat["GAL_FILENAME"], cat["GAL_HDU"]):
+            with fits.open(catalog.parent / name.strip()) as g:
+                hd = g[int(hdu)].header
+                shapes.append((hd["NAXIS2"], hd["NAXIS1"]))
+    return shapes
+
+
+def test_counts_after_each_cut_match_the_headers():
+    cat = ROOT / "paltas_cosmos23.5_n1" / "real_galaxy_catalog_23.5.fits"
+    shapes = header_shapes(cat)
+    stamps = read_catalog(cat, Selection(snr_range=None), verbose=False)
+    assert stamps.counts["catalogue"] == len(shapes) == 10
+    assert stamps.counts["size"] == sum(min(s) >= 64 for s in shapes)
+    assert len(stamps) == stamps.counts["snr"] == stamps.counts["size"]
+    assert stamps.images.shape[1:] == (64, 64)
+    np.testing.assert_allclose(stamps.images.max(axis=(1, 2)), 1.0)
+    # the S/N window only ever removes galaxies, and a looser cut never keeps fewer
+    strict = read_catalog(cat, Selection(), verbose=False)
+    loose = read_catalog(cat, Selection(snr_range=(1.0, 1e6)), verbose=False)
+    assert len(strict) <= len(loose) == len(stamps)
+
+
+def test_duplicate_stamps_counted_once_and_totals_add_up():
+    from astropy.io import fits
+
+    s = load_cosmos(ROOT, Selection(snr_range=None), verbose=False)
+    assert s.counts["catalogue"] == 112
+    assert s.counts["unique"] == 111        # the slsim test catalogue lists one HDU twice
+    expected = 0
+    for cat in ROOT.rglob("real_galaxy_catalog*.fits"):
+        if cat.name.endswith("_fits.fits"):
+            continue
+        with fits.open(cat) as h:
+            keys = {(n.strip(), int(k)) for n, k in zip(h[1].data["GAL_FILENAME"],
+                                                       h[1].data["GAL_HDU"])}
+        for name, hdu in keys:
+            with fits.open(cat.parent / name) as g:
+                expected += min(g[hdu].data.shape) >= 64
+    assert s.counts["size"] == len(s) == expected
+    assert len(s) == len(set(s.ident))
+
+
+def test_split_is_disjoint_and_reproducible():
+    s = load_cosmos(ROOT, Selection(snr_range=None), verbose=False)
+    a = split(s, (0.6, 0.15, 0.25), seed=3)
+    b = split(s, (0.6, 0.15, 0.25), seed=3)
+    ids = [set(p.ident) for p in a]
+    assert sum(len(i) for i in ids) == len(s)
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert [list(p.ident) for p in a] == [list(p.ident) for p in b]
+
+
+def test_crop_and_downscale_preserves_mean_and_scales_noise():
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 1.0, (256, 300))
+    out, sigma = crop_and_downscale(img, 1.0, 64)
+    assert out.shape == (64, 64)
+    assert sigma == pytest.approx(0.25)
+    assert out.std() == pytest.approx(0.25, rel=0.05)   # averaging 4x4 blocks of unit noise
+
+
+def test_missing_catalogue_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="catalogue"):
+        read_catalog(tmp_path / "real_galaxy_catalog_x.fits")
+    with pytest.raises(FileNotFoundError, match="no real_galaxy_catalog"):
+        load_cosmos(tmp_path)
