@@ -1,0 +1,230 @@
+"""The Pyro model of a lens observation: priors (presets), the simulator, the pixel likelihood.
+
+    log p(Theta | I_obs) = log N(I_obs | PSF * I_src(theta - alpha(theta)), sigma^2)
+                           + log p(Theta_lens) + log p(Theta_src)          (paper Sec. 5.2, eq. 9)
+
+Lens ellipticity is sampled as components ``(e1, e2) = epsilon (cos 2 phi, sin 2 phi)`` with
+``epsilon = (1 - q)/(1 + q)`` (the lenstronomy convention), so the symmetry ``phi -> phi + pi``
+creates no second mode.  ``epsilon`` is bounded smoothly below ``(1 - q_min)/(1 + q_min)`` by a tanh
+map, so the model is never evaluated at q <= 0 or q < q_min; gamma, r_ein, the source width and
+amplitude have priors whose support excludes unphysical values.
+
+Sources: the VAE decoder (latent ``z`` with the fitted multivariate-normal prior, centre, half-width
+``s``, amplitude ``amp``; eq. 17) or an elliptical Sersic profile.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.torch_distribution import TorchDistribution
+
+from .simulate import Simulator
+from .sources import PixelSource, Sersic
+
+Q_MIN = 0.1
+
+
+class TruncatedNormal(TorchDistribution):
+    """Normal(loc, scale) restricted to [low, high] (renormalised)."""
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    has_rsample = True
+
+    def __init__(self, loc, scale, low, high, validate_args=None):
+        self.loc, self.scale, self.low, self.high = (torch.as_tensor(v, dtype=torch.get_default_dtype())
+                                                     for v in (loc, scale, low, high))
+        if not (self.low < self.high):
+            raise ValueError(f"TruncatedNormal needs low < high, got [{low}, {high}]")
+        self._base = torch.distributions.Normal(self.loc, self.scale)
+        self._cdf_low = self._base.cdf(self.low)
+        self._cdf_high = self._base.cdf(self.high)
+        super().__init__(torch.Size(), torch.Size(), validate_args=validate_args)
+
+    @constraints.dependent_property
+    def support(self):
+        return constraints.interval(self.low, self.high)
+
+    def rsample(self, sample_shape=torch.Size()):
+        u = torch.rand(sample_shape, dtype=self.loc.dtype)
+        p = self._cdf_low + u * (self._cdf_high - self._cdf_low)
+        return self._base.icdf(p.clamp(1e-12, 1 - 1e-12)).clamp(self.low, self.high)
+
+    def log_prob(self, value):
+        return self._base.log_prob(value) - torch.log(self._cdf_high - self._cdf_low)
+
+
+def ellipticity_to_q_phi(e1, e2, q_min=Q_MIN):
+    """Map unconstrained components (e1, e2) to (q, phi), bounding q >= q_min smoothly.
+
+    ``epsilon = eps_max tanh(|e| / eps_max)``, ``q = (1 - epsilon)/(1 + epsilon)``,
+    ``phi = atan2(e2, e1)/2`` (radians); for |e| << eps_max this is lenstronomy's e1, e2.
+    """
+    eps_max = (1.0 - q_min) / (1.0 + q_min)
+    e = torch.sqrt(e1 * e1 + e2 * e2 + 1e-30)
+    eps = eps_max * torch.tanh(e / eps_max)
+    return (1.0 - eps) / (1.0 + eps), 0.5 * torch.atan2(e2, e1)
+
+
+def q_phi_to_ellipticity(q, phi, q_min=Q_MIN):
+    """Inverse of :func:`ellipticity_to_q_phi` (for initialisation and truths)."""
+    eps_max = (1.0 - q_min) / (1.0 + q_min)
+    q = torch.as_tensor(q, dtype=torch.get_default_dtype())
+    phi = torch.as_tensor(phi, dtype=torch.get_default_dtype())
+    eps = (1.0 - q) / (1.0 + q)
+    e = eps_max * torch.atanh(torch.clamp(eps / eps_max, max=1 - 1e-12))
+    return e * torch.cos(2 * phi), e * torch.sin(2 * phi)
+
+
+@dataclass
+class Priors:
+    """Prior distributions, one per sampled site (Pyro/torch distributions).
+
+    ``lens`` keys: ``r_ein, e1, e2, gamma, x0, y0, g1, g2`` (components e1, e2, see module doc).
+    ``source`` keys for the VAE source: ``x0, y0, s, amp``; for a Sersic source:
+    ``amp, r_e, n, e1, e2, x0, y0``.  The VAE latent prior comes with the VAE.
+    """
+
+    lens: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    name: str = "custom"
+
+    @classmethod
+    def default(cls, source="vae"):
+        """Physically sensible defaults (arcsec, radians)."""
+        lens = dict(r_ein=dist.Uniform(0.3, 3.0), e1=dist.Normal(0.0, 0.2),
+                    e2=dist.Normal(0.0, 0.2), gamma=TruncatedNormal(2.0, 0.25, 1.2, 2.8),
+                    x0=dist.Normal(0.0, 0.2), y0=dist.Normal(0.0, 0.2),
+                    g1=dist.Normal(0.0, 0.05), g2=dist.Normal(0.0, 0.05))
+        return cls(lens=lens, source=_source_priors(source, paper=False), name="default")
+
+    @classmethod
+    def paper(cls, source="vae"):
+        """Chianese et al. (2019) eqs. 14-16, 18-23, made safe: r_ein, gamma, s, amp truncated to
+        physical ranges; q and phi replaced by components e1, e2 whose spread matches the paper's
+        q ~ N(0.5, 0.5); shear N(0, 1) truncated to |g| < 0.5 per component."""
+        lens = dict(r_ein=TruncatedNormal(1.5, 0.5, 0.1, 4.0), e1=dist.Normal(0.0, 0.4),
+                    e2=dist.Normal(0.0, 0.4), gamma=TruncatedNormal(2.0, 0.5, 1.05, 2.95),
+                    x0=dist.Normal(0.0, 0.5), y0=dist.Normal(0.0, 0.5),
+                    g1=TruncatedNormal(0.0, 1.0, -0.5, 0.5), g2=TruncatedNormal(0.0, 1.0, -0.5, 0.5))
+        return cls(lens=lens, source=_source_priors(source, paper=True), name="paper")
+
+    @classmethod
+    def preset(cls, name: str, source="vae"):
+        if name not in ("default", "paper"):
+            raise ValueError(f"unknown prior preset {name!r}; use 'default' or 'paper'")
+        return getattr(cls, name)(source)
+
+
+def _source_priors(source, paper):
+    if source == "vae":
+        if paper:
+            # eq. 15 s ~ N(5, 1) read as half-width s/3 arcsec: the paper's mocks fill the central
+            # third of the 10.24" field; eq. 16 iota ~ N(1, 0.5) truncated to be positive.
+            return dict(x0=dist.Normal(0.0, 0.1), y0=dist.Normal(0.0, 0.1),
+                        s=TruncatedNormal(5.0 / 3.0, 1.0 / 3.0, 0.2, 4.0),
+                        amp=TruncatedNormal(1.0, 0.5, 0.01, 5.0))
+        return dict(x0=dist.Normal(0.0, 0.2), y0=dist.Normal(0.0, 0.2),
+                    s=dist.LogNormal(math.log(1.0), 0.6), amp=dist.LogNormal(0.0, 1.0))
+    if source == "sersic":
+        return dict(amp=dist.LogNormal(0.0, 1.5), r_e=dist.LogNormal(math.log(0.3), 0.8),
+                    n=dist.Uniform(0.5, 6.0), e1=dist.Normal(0.0, 0.2), e2=dist.Normal(0.0, 0.2),
+                    x0=dist.Normal(0.0, 0.2), y0=dist.Normal(0.0, 0.2))
+    raise ValueError(f"source must be 'vae' or 'sersic', got {source!r}")
+
+
+def lens_from_sites(values: dict) -> dict:
+    """The eight simulator lens parameters from sampled site values (e1, e2 -> q, phi)."""
+    q, phi = ellipticity_to_q_phi(values["e1"], values["e2"])
+    return dict(r_ein=values["r_ein"], q=q, phi=phi, gamma=values["gamma"], x0=values["x0"],
+                y0=values["y0"], g1=values["g1"], g2=values["g2"])
+
+
+class LensModel:
+    """Callable Pyro model of one observation.
+
+    Parameters
+    ----------
+    data : Tensor (ny, nx)
+        Observed image.
+    noise_sigma : float or Tensor (ny, nx)
+        Pixel noise (scalar or noise map), image units, > 0.
+    simulator : Simulator
+        Grid and PSF matching ``data``.
+    source : "sersic" or VAESource
+        Source model.
+    priors : Priors, optional
+        Default: ``Priors.default`` for that source.
+    mask : Tensor (ny, nx) of bool, optional
+        True where pixels enter the likelihood.
+    """
+
+    def __init__(self, data, noise_sigma, simulator: Simulator, source="sersic", priors=None,
+                 mask=None):
+        dtype, device = simulator.x.dtype, simulator.x.device
+        data = torch.as_tensor(data, dtype=dtype, device=device)
+        if data.shape != simulator.npix:
+            raise ValueError(f"data shape {tuple(data.shape)} does not match the simulator grid "
+                             f"{simulator.npix}")
+        if not torch.isfinite(data).all():
+            raise ValueError("data contain non-finite pixels; mask them or replace them")
+        sigma = torch.as_tensor(noise_sigma, dtype=dtype, device=device)
+        if sigma.ndim not in (0, 2) or (sigma.ndim == 2 and sigma.shape != data.shape):
+            raise ValueError(f"noise map shape {tuple(sigma.shape)} does not match the data "
+                             f"{tuple(data.shape)}")
+        if not torch.isfinite(sigma).all() or (sigma <= 0).any():
+            raise ValueError("noise_sigma must be finite and positive")
+        if mask is not None:
+            mask = torch.as_tensor(mask, dtype=torch.bool, device=device)
+            if mask.shape != data.shape:
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match the data")
+        self.data, self.noise_sigma, self.mask = data, sigma, mask
+        self.simulator = simulator
+        self.source_kind = "sersic" if isinstance(source, str) and source == "sersic" else "vae"
+        if self.source_kind == "vae":
+            if isinstance(source, str):
+                raise ValueError(f"source must be 'sersic' or a VAESource, got {source!r}")
+            # a private copy in the grid's dtype/device: the caller's VAE is left untouched
+            self.vae = copy.deepcopy(source).to(dtype=dtype, device=device)
+            self.z_prior = source.prior.distribution(dtype=dtype, device=device)
+        self.priors = priors or Priors.default(self.source_kind)
+        self.n_pixels = int(mask.sum()) if mask is not None else data.numel()
+
+    @property
+    def lens_sites(self):
+        return tuple(self.priors.lens)
+
+    def _sample(self, name, prior):
+        dtype, device = self.simulator.x.dtype, self.simulator.x.device
+        return pyro.sample(name, prior).to(dtype=dtype, device=device)
+
+    def sample_source(self):
+        """Sample the source sites; return a source callable for the simulator."""
+        p = {k: self._sample("src_" + k, d) for k, d in self.priors.source.items()}
+        if self.source_kind == "vae":
+            z = pyro.sample("z", self.z_prior)
+            return PixelSource(self.vae.decode(z), x0=p["x0"], y0=p["y0"], s=p["s"],
+                               amp=p["amp"])
+        q, phi = ellipticity_to_q_phi(p["e1"], p["e2"])
+        return Sersic(amp=p["amp"], r_e=p["r_e"], n=p["n"], q=q, phi=phi, x0=p["x0"], y0=p["y0"])
+
+    def predict(self):
+        """Sample all parameters and return the predicted image (no likelihood)."""
+        sites = {k: self._sample(k, d) for k, d in self.priors.lens.items()}
+        lens = lens_from_sites(sites)
+        pyro.deterministic("q", lens["q"])
+        pyro.deterministic("phi", lens["phi"])
+        return self.simulator.image(lens, self.sample_source())
+
+    def __call__(self):
+        image = self.predict()
+        pyro.deterministic("model_image", image)
+        likelihood = dist.Normal(image, self.noise_sigma.expand_as(image))
+        if self.mask is not None:
+            likelihood = likelihood.mask(self.mask)
+        pyro.sample("obs", likelihood.to_event(2), obs=self.data)
