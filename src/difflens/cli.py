@@ -60,6 +60,111 @@ def _cmd_train_vae(args):
                      indent=1, default=str))
 
 
+def _simulate(seed, noise_sigma, npix, pixel_scale, psf_sigma, source):
+    """A mock observation: lens from the default prior, source a VAE decode (or a Sersic)."""
+    import torch
+
+    from .datasets.mocks import draw_lens, make_mock
+
+    lens = draw_lens(seed)
+    field = npix * pixel_scale
+    if source == "vae":
+        from .sources.vae import load_default_vae
+
+        vae = load_default_vae()
+        prior = vae.prior
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            # a typical galaxy: the fitted latent distribution without the x9 prior inflation
+            z = torch.distributions.MultivariateNormal(
+                prior.mean, scale_tril=prior.scale_tril / 3.0).sample()
+        with torch.no_grad():
+            stamp = vae.decode(z).numpy()
+        obs, _ = make_mock(stamp, lens=lens, noise_sigma=noise_sigma, s=field / 6.0,
+                           npix=npix, pixel_scale=pixel_scale, psf_sigma=psf_sigma, seed=seed)
+        obs.truth["z"] = z.numpy().tolist()
+    else:
+        from .instrument import pixel_grid
+        from .sources import sersic
+
+        x, y = pixel_grid(64, 2 * (field / 6.0) / 64, dtype=torch.float64)
+        stamp = sersic(x, y, amp=1.0, r_e=field / 30, n=1.5, q=0.8, phi=1.0).numpy()
+        stamp = stamp / stamp.max()
+        obs, _ = make_mock(stamp, lens=lens, noise_sigma=noise_sigma, s=field / 6.0,
+                           npix=npix, pixel_scale=pixel_scale, psf_sigma=psf_sigma, seed=seed)
+    obs.truth.update(e1=lens["e1"], e2=lens["e2"])
+    return obs
+
+
+def _cmd_simulate(args):
+    from .datasets.observation import write_observation
+
+    obs = _simulate(args.seed, args.noise_sigma, args.npix, args.pixel_scale, args.psf_sigma,
+                    args.source)
+    write_observation(obs, args.out)
+    t = obs.truth
+    print(f"wrote {args.out}: {args.npix}x{args.npix} at {args.pixel_scale}\"/px, S/N {t['snr']:.0f}; "
+          + ", ".join(f"{k}={t[k]:.4f}" for k in ("r_ein", "q", "phi", "gamma", "x0", "y0",
+                                                    "g1", "g2")))
+
+
+def _print_table(fit):
+    s = fit.summary()
+    truth = s.get("truth", {})
+    post = s.get("posterior", {})
+    print(f"\nreduced chi^2 {s['reduced_chi2']:.3f}")
+    print(f"{'param':7s} {'truth':>9s} {'MAP':>9s} {'post. mean':>11s} {'sd':>8s} {'R-hat':>6s}")
+    for k in ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2"):
+        p = post.get(k, {})
+        print(f"{k:7s} {truth.get(k, float('nan')):9.4f} {s['map'][k]:9.4f} "
+              f"{p.get('mean', float('nan')):11.4f} {p.get('sd', float('nan')):8.4f} "
+              f"{p.get('r_hat', float('nan')):6.3f}")
+
+
+def _cmd_fit(args):
+    from .datasets.observation import read_observation
+    from .fitting import fit_lens
+
+    if args.noise_sigma is None and args.noise_map is None:
+        raise ValueError("give --noise-sigma S or --noise-map F")
+    if args.noise_sigma is not None and not args.noise_sigma > 0:
+        raise ValueError(f"--noise-sigma must be positive, got {args.noise_sigma}")
+    obs = read_observation(args.obs, noise_sigma=args.noise_sigma, noise_map=args.noise_map,
+                           psf=args.psf, mask=args.mask, pixel_scale=args.pixel_scale)
+    fit = fit_lens(obs, source=args.source, priors=args.priors, psf_sigma=args.psf_sigma,
+                   steps=args.steps, restarts=args.restarts, samples=args.samples,
+                   warmup=args.warmup, chains=args.chains, seed=args.seed)
+    fit.save(args.out)
+    _print_table(fit)
+    print(f"\nwrote {args.out}/summary.json, fit.png" +
+          (", posterior.nc, corner.png" if args.samples else ""))
+
+
+def _cmd_demo(args):
+    import time
+    from pathlib import Path
+
+    from .datasets.observation import write_observation
+    from .fitting import fit_lens
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    print("difflens demo (QUICK settings: fewer MAP steps and NUTS samples than a science run; "
+          "see `difflens fit --help`)")
+    obs = _simulate(args.seed, 0.1, 256, 0.04, 0.05, "vae")
+    out.mkdir(parents=True, exist_ok=True)
+    write_observation(obs, out / "mock.fits")
+    print(f"simulated a 256x256 mock with the shipped VAE source, S/N {obs.truth['snr']:.0f} "
+          f"-> {out / 'mock.fits'}")
+    fit = fit_lens(obs, source="vae", steps=args.steps, restarts=args.restarts,
+                   samples=args.samples, warmup=args.warmup, chains=args.chains,
+                   max_tree_depth=args.max_tree_depth, seed=args.seed)
+    fit.save(out)
+    _print_table(fit)
+    print(f"\nwrote {out}/summary.json, fit.png, posterior.nc, corner.png "
+          f"in {time.perf_counter() - t0:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflens", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +177,46 @@ def build_parser() -> argparse.ArgumentParser:
                           ("g1", 0.03), ("g2", -0.02)):
         p.add_argument(f"--{name}", type=float, default=default)
     p.set_defaults(func=_cmd_lens_figure)
+
+    p = sub.add_parser("simulate", help="write a mock lens observation (FITS)")
+    p.add_argument("--out", required=True, help="output FITS file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise-sigma", type=float, default=0.1, help="pixel noise (0.333/0.1/0.0333)")
+    p.add_argument("--npix", type=int, default=256)
+    p.add_argument("--pixel-scale", type=float, default=0.04, help="arcsec per pixel")
+    p.add_argument("--psf-sigma", type=float, default=0.05, help="Gaussian PSF sigma, arcsec")
+    p.add_argument("--source", choices=("vae", "sersic"), default="vae")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("fit", help="fit a lens observation: MAP, then optionally NUTS")
+    p.add_argument("obs", help="FITS image (primary HDU; PIXSCALE in the header)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--noise-sigma", type=float, default=None, help="pixel noise, image units")
+    p.add_argument("--noise-map", default=None, help="FITS per-pixel noise sigma")
+    p.add_argument("--psf-sigma", type=float, default=0.05, help="Gaussian PSF sigma, arcsec")
+    p.add_argument("--psf", default=None, help="FITS PSF kernel (overrides --psf-sigma)")
+    p.add_argument("--mask", default=None, help="FITS mask, 1 = use pixel")
+    p.add_argument("--pixel-scale", type=float, default=None, help="arcsec/pixel (else header)")
+    p.add_argument("--source", choices=("vae", "sersic"), default="vae")
+    p.add_argument("--priors", choices=("default", "paper"), default="default")
+    p.add_argument("--steps", type=int, default=2000, help="MAP Adam steps")
+    p.add_argument("--restarts", type=int, default=4, help="MAP restarts from prior draws")
+    p.add_argument("--samples", type=int, default=500, help="NUTS samples per chain (0: MAP only)")
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--chains", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("demo", help="simulate a mock with the VAE source, fit, sample, plot")
+    p.add_argument("--out", default="demo_output")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--restarts", type=int, default=3)
+    p.add_argument("--samples", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--chains", type=int, default=2)
+    p.add_argument("--max-tree-depth", type=int, default=5)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train-vae", help="train the VAE source prior (Pyro SVI)")
     p.add_argument("--cosmos-root", required=True,

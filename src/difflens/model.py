@@ -37,7 +37,8 @@ class TruncatedNormal(TorchDistribution):
     has_rsample = True
 
     def __init__(self, loc, scale, low, high, validate_args=None):
-        self.loc, self.scale, self.low, self.high = (torch.as_tensor(v, dtype=torch.get_default_dtype())
+        # scalars kept in float64 so the normalising constant is exact in any model dtype
+        self.loc, self.scale, self.low, self.high = (torch.as_tensor(v, dtype=torch.float64)
                                                      for v in (loc, scale, low, high))
         if not (self.low < self.high):
             raise ValueError(f"TruncatedNormal needs low < high, got [{low}, {high}]")
@@ -56,7 +57,8 @@ class TruncatedNormal(TorchDistribution):
         return self._base.icdf(p.clamp(1e-12, 1 - 1e-12)).clamp(self.low, self.high)
 
     def log_prob(self, value):
-        return self._base.log_prob(value) - torch.log(self._cdf_high - self._cdf_low)
+        lp = self._base.log_prob(value.to(torch.float64)) - torch.log(self._cdf_high - self._cdf_low)
+        return lp.to(value.dtype)
 
 
 def ellipticity_to_q_phi(e1, e2, q_min=Q_MIN):
@@ -74,11 +76,28 @@ def ellipticity_to_q_phi(e1, e2, q_min=Q_MIN):
 def q_phi_to_ellipticity(q, phi, q_min=Q_MIN):
     """Inverse of :func:`ellipticity_to_q_phi` (for initialisation and truths)."""
     eps_max = (1.0 - q_min) / (1.0 + q_min)
-    q = torch.as_tensor(q, dtype=torch.get_default_dtype())
-    phi = torch.as_tensor(phi, dtype=torch.get_default_dtype())
+    q = q if torch.is_tensor(q) else torch.as_tensor(q, dtype=torch.float64)
+    phi = phi if torch.is_tensor(phi) else torch.as_tensor(phi, dtype=q.dtype)
     eps = (1.0 - q) / (1.0 + q)
     e = eps_max * torch.atanh(torch.clamp(eps / eps_max, max=1 - 1e-12))
     return e * torch.cos(2 * phi), e * torch.sin(2 * phi)
+
+
+def _f64(*values):
+    return [torch.tensor(float(v), dtype=torch.float64) for v in values]
+
+
+def _normal(loc, scale):
+    """Preset priors hold float64 constants, so log densities are exact in any model dtype."""
+    return dist.Normal(*_f64(loc, scale))
+
+
+def _uniform(low, high):
+    return dist.Uniform(*_f64(low, high))
+
+
+def _lognormal(log_median, sigma):
+    return dist.LogNormal(*_f64(log_median, sigma))
 
 
 @dataclass
@@ -86,6 +105,7 @@ class Priors:
     """Prior distributions, one per sampled site (Pyro/torch distributions).
 
     ``lens`` keys: ``r_ein, e1, e2, gamma, x0, y0, g1, g2`` (components e1, e2, see module doc).
+    A plain number instead of a distribution holds that parameter fixed.
     ``source`` keys for the VAE source: ``x0, y0, s, amp``; for a Sersic source:
     ``amp, r_e, n, e1, e2, x0, y0``.  The VAE latent prior comes with the VAE.
     """
@@ -97,10 +117,10 @@ class Priors:
     @classmethod
     def default(cls, source="vae"):
         """Physically sensible defaults (arcsec, radians)."""
-        lens = dict(r_ein=dist.Uniform(0.3, 3.0), e1=dist.Normal(0.0, 0.2),
-                    e2=dist.Normal(0.0, 0.2), gamma=TruncatedNormal(2.0, 0.25, 1.2, 2.8),
-                    x0=dist.Normal(0.0, 0.2), y0=dist.Normal(0.0, 0.2),
-                    g1=dist.Normal(0.0, 0.05), g2=dist.Normal(0.0, 0.05))
+        lens = dict(r_ein=_uniform(0.3, 3.0), e1=_normal(0.0, 0.2),
+                    e2=_normal(0.0, 0.2), gamma=TruncatedNormal(2.0, 0.25, 1.2, 2.8),
+                    x0=_normal(0.0, 0.2), y0=_normal(0.0, 0.2),
+                    g1=_normal(0.0, 0.05), g2=_normal(0.0, 0.05))
         return cls(lens=lens, source=_source_priors(source, paper=False), name="default")
 
     @classmethod
@@ -108,9 +128,9 @@ class Priors:
         """Chianese et al. (2019) eqs. 14-16, 18-23, made safe: r_ein, gamma, s, amp truncated to
         physical ranges; q and phi replaced by components e1, e2 whose spread matches the paper's
         q ~ N(0.5, 0.5); shear N(0, 1) truncated to |g| < 0.5 per component."""
-        lens = dict(r_ein=TruncatedNormal(1.5, 0.5, 0.1, 4.0), e1=dist.Normal(0.0, 0.4),
-                    e2=dist.Normal(0.0, 0.4), gamma=TruncatedNormal(2.0, 0.5, 1.05, 2.95),
-                    x0=dist.Normal(0.0, 0.5), y0=dist.Normal(0.0, 0.5),
+        lens = dict(r_ein=TruncatedNormal(1.5, 0.5, 0.1, 4.0), e1=_normal(0.0, 0.4),
+                    e2=_normal(0.0, 0.4), gamma=TruncatedNormal(2.0, 0.5, 1.05, 2.95),
+                    x0=_normal(0.0, 0.5), y0=_normal(0.0, 0.5),
                     g1=TruncatedNormal(0.0, 1.0, -0.5, 0.5), g2=TruncatedNormal(0.0, 1.0, -0.5, 0.5))
         return cls(lens=lens, source=_source_priors(source, paper=True), name="paper")
 
@@ -126,15 +146,15 @@ def _source_priors(source, paper):
         if paper:
             # eq. 15 s ~ N(5, 1) read as half-width s/3 arcsec: the paper's mocks fill the central
             # third of the 10.24" field; eq. 16 iota ~ N(1, 0.5) truncated to be positive.
-            return dict(x0=dist.Normal(0.0, 0.1), y0=dist.Normal(0.0, 0.1),
+            return dict(x0=_normal(0.0, 0.1), y0=_normal(0.0, 0.1),
                         s=TruncatedNormal(5.0 / 3.0, 1.0 / 3.0, 0.2, 4.0),
                         amp=TruncatedNormal(1.0, 0.5, 0.01, 5.0))
-        return dict(x0=dist.Normal(0.0, 0.2), y0=dist.Normal(0.0, 0.2),
-                    s=dist.LogNormal(math.log(1.0), 0.6), amp=dist.LogNormal(0.0, 1.0))
+        return dict(x0=_normal(0.0, 0.2), y0=_normal(0.0, 0.2),
+                    s=_lognormal(math.log(1.0), 0.6), amp=_lognormal(0.0, 1.0))
     if source == "sersic":
-        return dict(amp=dist.LogNormal(0.0, 1.5), r_e=dist.LogNormal(math.log(0.3), 0.8),
-                    n=dist.Uniform(0.5, 6.0), e1=dist.Normal(0.0, 0.2), e2=dist.Normal(0.0, 0.2),
-                    x0=dist.Normal(0.0, 0.2), y0=dist.Normal(0.0, 0.2))
+        return dict(amp=_lognormal(0.0, 1.5), r_e=_lognormal(math.log(0.3), 0.8),
+                    n=_uniform(0.5, 6.0), e1=_normal(0.0, 0.2), e2=_normal(0.0, 0.2),
+                    x0=_normal(0.0, 0.2), y0=_normal(0.0, 0.2))
     raise ValueError(f"source must be 'vae' or 'sersic', got {source!r}")
 
 
@@ -200,8 +220,18 @@ class LensModel:
         return tuple(self.priors.lens)
 
     def _sample(self, name, prior):
+        """A sample site, or a constant when the prior is a plain number (a fixed parameter)."""
         dtype, device = self.simulator.x.dtype, self.simulator.x.device
+        if isinstance(prior, (int, float)):
+            return torch.tensor(float(prior), dtype=dtype, device=device)
         return pyro.sample(name, prior).to(dtype=dtype, device=device)
+
+    def fixed_values(self) -> dict:
+        """Parameters held fixed (priors given as numbers), by site name."""
+        out = {k: float(v) for k, v in self.priors.lens.items() if isinstance(v, (int, float))}
+        out.update({"src_" + k: float(v) for k, v in self.priors.source.items()
+                    if isinstance(v, (int, float))})
+        return out
 
     def sample_source(self):
         """Sample the source sites; return a source callable for the simulator."""

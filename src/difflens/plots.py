@@ -70,3 +70,72 @@ def plot_lens_system(sim, lens: dict, source, *, source_extent=None, image_exten
     if title:
         fig.suptitle(title)
     return fig
+
+
+def plot_fit(observation, result, *, true_source=None, title=None):
+    """The paper's Fig. 6 panel: observed, model, normalised residual, true and fitted source,
+    source residual (normalised by 10% of the true source maximum, as in the paper).
+
+    Parameters
+    ----------
+    observation : difflens.datasets.observation.Observation
+    result : difflens.infer.MAPResult
+    true_source : ndarray (64, 64), optional
+        True source stamp times its amplitude, on the same stamp grid as the fit (mocks).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import numpy as np
+
+    data = observation.image
+    model = result.model_image.cpu().numpy()
+    vmax = max(np.nanmax(data), model.max())
+    ny, nx = observation.shape
+    ext = (-nx * observation.pixel_scale / 2, nx * observation.pixel_scale / 2,
+           -ny * observation.pixel_scale / 2, ny * observation.pixel_scale / 2)
+    light = dict(vmin=0, vmax=vmax, cmap="magma")
+    panels = [(data, "observed", light), (model, "model", light),
+              (result.normalised_residuals.cpu().numpy(),
+               rf"(data - model) / $\sigma$, $\chi^2_\nu$ = {result.reduced_chi2:.3f}",
+               dict(vmin=-4, vmax=4, cmap="coolwarm"))]
+    fitted = result.source_image.cpu().numpy() if result.source_image is not None else None
+    if true_source is not None and fitted is not None:
+        src = dict(vmin=0, vmax=max(true_source.max(), fitted.max()), cmap="magma")
+        panels += [(true_source, "true source", src), (fitted, "fitted source", src),
+                   ((true_source - fitted) / (0.1 * true_source.max()),
+                    "source residual / 10% of max", dict(vmin=-2, vmax=2, cmap="coolwarm"))]
+    elif fitted is not None:
+        panels.append((fitted, "fitted source (stamp)", dict(cmap="magma")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4),
+                             constrained_layout=True)
+    for ax, (img, label, kw) in zip(axes, panels):
+        im = ax.imshow(img, origin="lower", extent=ext if img.shape == data.shape else None, **kw)
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.75)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_corner(posterior, names=("r_ein", "q", "phi", "gamma"), truths=None):
+    """Corner plot of posterior samples (the paper's Figs. 8-9) with truths marked.
+
+    Parameters
+    ----------
+    posterior : difflens.infer.Posterior
+    names : parameters to show
+    truths : dict, optional
+        True values by name.
+    """
+    import corner
+    import numpy as np
+
+    samples = np.stack([posterior.idata.posterior[k].values.reshape(-1) for k in names], axis=1)
+    labels = {"r_ein": r"$r_{\rm Ein}$ ['']", "q": "$q$", "phi": r"$\phi$ [rad]",
+              "gamma": r"$\gamma$", "x0": "$x_0$ ['']", "y0": "$y_0$ ['']", "g1": r"$g_1$",
+              "g2": r"$g_2$"}
+    t = [truths.get(k) for k in names] if truths else None
+    return corner.corner(samples, labels=[labels.get(k, k) for k in names], truths=t,
+                         quantiles=[0.16, 0.5, 0.84], show_titles=True, title_fmt=".4f")

@@ -55,6 +55,7 @@ class MAPResult:
     reduced_chi2: float
     log_posterior: float
     restart_losses: list = field(default_factory=list)
+    fixed: tuple = ()
 
     def lens(self) -> dict:
         """The eight lens parameters as floats (method.md conventions)."""
@@ -63,7 +64,7 @@ class MAPResult:
 
     def sample_sites(self) -> dict:
         """Only the sampled sites (for ``init_to_value``)."""
-        return {k: v for k, v in self.params.items() if k not in ("q", "phi", "model_image")}
+        return {k: v for k, v in self.params.items() if k not in ("q", "phi") + self.fixed}
 
 
 def _polish(model, guide, max_iter):
@@ -185,12 +186,13 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
         tr = pyro.poutine.trace(cond).get_trace()
         tr.compute_log_prob()
     params = {name: tr.nodes[name]["value"].detach() for name in values}
+    params.update({k: torch.tensor(v) for k, v in model.fixed_values().items()})
     params.update({k: tr.nodes[k]["value"].detach() for k in ("q", "phi")})
     image = tr.nodes["model_image"]["value"].detach()
     resid = (model.data - image) / model.noise_sigma
     if model.mask is not None:
         resid = torch.where(model.mask, resid, torch.zeros_like(resid))
-    n_params = sum(int(v.numel()) for k, v in params.items() if k not in ("q", "phi"))
+    n_params = sum(int(v.numel()) for v in values.values())
     chi2 = float((resid ** 2).sum())
     log_post = float(sum(site["log_prob_sum"] for site in tr.nodes.values()
                          if site["type"] == "sample" and "log_prob_sum" in site))
@@ -201,4 +203,5 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
     return MAPResult(params=params, loss_history=np.asarray(losses), model_image=image,
                      normalised_residuals=resid, source_image=source_image,
                      reduced_chi2=chi2 / max(model.n_pixels - n_params, 1),
-                     log_posterior=log_post, restart_losses=list(restart_losses))
+                     log_posterior=log_post, restart_losses=list(restart_losses),
+                     fixed=tuple(model.fixed_values()))

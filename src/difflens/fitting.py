@@ -1,0 +1,159 @@
+"""One call from an observation to a fitted lens: MAP, optional NUTS posterior, summary, figures.
+
+This is the public entry point the CLI and the examples use::
+
+    from difflens.datasets.observation import read_observation
+    from difflens.fitting import fit_lens
+    fit = fit_lens(read_observation("obs.fits", noise_sigma=0.1), samples=200, chains=2)
+    fit.save("out/")      # summary.json, posterior.nc, fit.png, corner.png
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .datasets.observation import Observation
+from .infer import MAPResult, Posterior, fit_map, sample_posterior
+from .lensing import to_lenstronomy_epl
+from .model import LensModel, Priors
+from .simulate import Simulator
+
+LENS_KEYS = ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2")
+
+
+def _source_model(source):
+    if isinstance(source, str) and source == "vae":
+        from .sources.vae import load_default_vae
+
+        return load_default_vae()
+    return source
+
+
+def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=None,
+                supersample=1, dtype=torch.float64) -> LensModel:
+    """The :class:`LensModel` of an observation (grid and PSF taken from it).
+
+    Parameters
+    ----------
+    source : "vae", "sersic" or a VAESource
+    priors : "default", "paper" or a Priors
+    psf_sigma : float, optional
+        Gaussian PSF sigma (arcsec) used when the observation carries no PSF kernel.
+    """
+    src = _source_model(source)
+    kind = "sersic" if isinstance(src, str) else "vae"
+    pri = priors if isinstance(priors, Priors) else Priors.preset(priors, kind)
+    if obs.psf is None and psf_sigma is None:
+        raise ValueError("the observation has no PSF: give psf_sigma (arcsec) or a PSF kernel")
+    sim = Simulator(npix=obs.shape, pixel_scale=obs.pixel_scale,
+                    psf=torch.as_tensor(obs.psf) if obs.psf is not None else None,
+                    psf_sigma=psf_sigma, supersample=supersample, dtype=dtype)
+    return LensModel(obs.image, obs.noise_sigma, sim, source=src, priors=pri, mask=obs.mask)
+
+
+@dataclass
+class LensFit:
+    """Result of :func:`fit_lens`: the observation, model, MAP and (optionally) posterior."""
+
+    observation: Observation
+    model: LensModel
+    map: MAPResult
+    posterior: Posterior | None = None
+
+    def summary(self) -> dict:
+        """JSON-ready summary: MAP values (lens keys r_ein, q, phi, gamma, x0, y0, g1, g2 in
+        method.md conventions, source parameters beside them), lenstronomy conversions, reduced
+        chi^2, and the posterior's mean / sd / 94% HDI with R-hat and ESS when sampled."""
+        m = self.map
+        out = {"map": {k: float(m.params[k]) for k in LENS_KEYS}}
+        for k, v in m.params.items():
+            if k.startswith("src_"):
+                out["map"][k] = float(v)
+        if "z" in m.params:
+            out["map"]["z"] = m.params["z"].cpu().numpy().round(6).tolist()
+        lensed = to_lenstronomy_epl(*(out["map"][k] for k in ("r_ein", "q", "phi", "gamma", "x0",
+                                                              "y0")))
+        out["map_lenstronomy"] = {k: float(v) for k, v in lensed.items()}
+        out["reduced_chi2"] = m.reduced_chi2
+        out["log_posterior"] = m.log_posterior
+        out["n_pixels"] = self.model.n_pixels
+        if self.posterior is not None:
+            out["posterior"] = self.posterior.summary()
+        if self.observation.truth:
+            out["truth"] = {k: v for k, v in self.observation.truth.items() if np.ndim(v) == 0}
+        return out
+
+    def save(self, out_dir) -> Path:
+        """Write summary.json, fit.png and (when sampled) posterior.nc and corner.png.
+
+        Files are written to a temporary folder first and moved into ``out_dir`` only when all
+        of them exist, so a failure leaves nothing half-written.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from .plots import plot_corner, plot_fit
+
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".difflens-", dir=out_dir.parent))
+        try:
+            (tmp / "summary.json").write_text(json.dumps(self.summary(), indent=1))
+            fig = plot_fit(self.observation, self.map, true_source=self._true_source())
+            fig.savefig(tmp / "fit.png", dpi=100)
+            plt.close(fig)
+            if self.posterior is not None:
+                self.posterior.idata.to_netcdf(str(tmp / "posterior.nc"))
+                fig = plot_corner(self.posterior, truths=self.observation.truth)
+                fig.savefig(tmp / "corner.png", dpi=90)
+                plt.close(fig)
+            out_dir.mkdir(exist_ok=True)
+            for f in tmp.iterdir():
+                f.replace(out_dir / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+    def _true_source(self):
+        t = self.observation.truth or {}
+        if "z" in t and self.model.source_kind == "vae":
+            z = torch.as_tensor(t["z"], dtype=self.model.simulator.x.dtype)
+            with torch.no_grad():
+                return (float(t.get("src_amp", 1.0)) * self.model.vae.decode(z)).cpu().numpy()
+        return None
+
+
+def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, steps=2000,
+             restarts=4, samples=0, warmup=200, chains=2, max_tree_depth=7, seed=0,
+             dtype=torch.float64, progress=True, init=None) -> LensFit:
+    """MAP fit and, if ``samples > 0``, a NUTS posterior started at the MAP.
+
+    Parameters
+    ----------
+    obs : Observation
+    source : "vae" (shipped VAE), "sersic", or a VAESource
+    priors : "default" or "paper" (or a Priors)
+    psf_sigma : float, optional
+        Gaussian PSF sigma in arcsec if ``obs`` has no kernel.
+    steps, restarts : MAP settings (see :func:`difflens.infer.fit_map`)
+    samples, warmup, chains, max_tree_depth : NUTS settings per chain
+    seed : int
+        Makes the whole fit reproducible.
+    """
+    model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma, dtype=dtype)
+    result = fit_map(model, steps=steps, restarts=restarts, seed=seed, progress=progress,
+                     init=init)
+    post = None
+    if samples > 0:
+        post = sample_posterior(model, result.sample_sites(), num_samples=samples, warmup=warmup,
+                                chains=chains, seed=seed, max_tree_depth=max_tree_depth,
+                                progress=progress)
+    return LensFit(obs, model, result, post)
