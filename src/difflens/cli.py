@@ -38,6 +38,10 @@ def _cmd_train_vae(args):
     from .sources.vae_training import (TrainConfig, prepare_training_data, reconstruction_chi2,
                                        train_vae)
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sel = Selection(min_size=args.min_size,
                     snr_range=None if args.no_snr_cut else (args.snr_min, args.snr_max))
     data = prepare_training_data(args.cosmos_root, n_synthetic=args.n_synthetic, selection=sel,
@@ -225,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="build/vae", help="checkpoints (a rerun resumes)")
     p.add_argument("--n-synthetic", type=int, default=6000)
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = paper)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-epochs", type=int, default=60)
     p.add_argument("--patience", type=int, default=6)
@@ -236,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr-max", type=float, default=50.0)
     p.add_argument("--no-snr-cut", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_train_vae)
     return parser
 

@@ -50,6 +50,12 @@ class Encoder(nn.Module):
         )
         self.mu = nn.Linear(c(4096), cfg.latent_dim)
         self.log_sigma = nn.Linear(c(4096), cfg.latent_dim)
+        # start from sigma_e = 1 and small means: with the sharp sigma_d = 1/50 likelihood, a
+        # randomly initialised log-sigma head makes the KL term overflow in the first steps
+        nn.init.zeros_(self.log_sigma.weight)
+        nn.init.zeros_(self.log_sigma.bias)
+        with torch.no_grad():
+            self.mu.weight.mul_(0.1)
 
     def forward(self, x: torch.Tensor):
         """x: (B, 64, 64) or (B, 1, 64, 64) -> mu_e, sigma_e of shape (B, latent_dim)."""

@@ -1,0 +1,83 @@
+"""CLI contract: simulate -> fit round trip on a small image, and bad input."""
+import json
+
+import numpy as np
+import pytest
+
+from difflens.cli import main
+from difflens.datasets.observation import Observation, read_observation, write_observation
+
+
+def test_observation_fits_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    obs = Observation(rng.normal(size=(10, 12)), np.full((10, 12), 0.2), 0.05,
+                      psf=np.outer([1, 2, 1], [1, 2, 1]), mask=rng.uniform(size=(10, 12)) > 0.2,
+                      truth=dict(r_ein=1.3, z=[0.1, 0.2]))
+    write_observation(obs, tmp_path / "o.fits")
+    back = read_observation(tmp_path / "o.fits")
+    np.testing.assert_array_equal(back.image, obs.image)
+    np.testing.assert_array_equal(back.noise_sigma, obs.noise_sigma)
+    np.testing.assert_allclose(back.psf.sum(), 1.0)
+    np.testing.assert_array_equal(back.mask, obs.mask)
+    assert back.pixel_scale == 0.05 and back.truth == dict(r_ein=1.3, z=[0.1, 0.2])
+
+
+def test_observation_validation(tmp_path):
+    img = np.zeros((5, 5))
+    with pytest.raises(ValueError, match="noise map shape"):
+        Observation(img, np.ones((4, 5)), 0.1)
+    with pytest.raises(ValueError, match="positive"):
+        Observation(img, -1.0, 0.1)
+    with pytest.raises(ValueError, match="pixel_scale"):
+        Observation(img, 1.0, 0.0)
+    bad = img.copy()
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match="not masked"):
+        Observation(bad, 1.0, 0.1)
+    m = np.ones((5, 5), bool)
+    m[1, 1] = False
+    Observation(bad, 1.0, 0.1, mask=m)                 # masked NaN is fine
+    with pytest.raises(ValueError, match="not centred"):
+        off = np.zeros((5, 5))
+        off[0, 4] = 1
+        Observation(img, 1.0, 0.1, psf=off)
+
+
+def test_simulate_then_fit_round_trip(tmp_path, capsys):
+    obs_path = tmp_path / "obs.fits"
+    assert main(["simulate", "--out", str(obs_path), "--source", "sersic", "--npix", "40",
+                 "--pixel-scale", "0.1", "--seed", "2", "--noise-sigma", "0.05"]) == 0
+    obs = read_observation(obs_path, noise_sigma=0.05)
+    assert obs.shape == (40, 40) and obs.pixel_scale == pytest.approx(0.1)
+    out = tmp_path / "fit"
+    assert main(["fit", str(obs_path), "--noise-sigma", "0.05", "--psf-sigma", "0.05",
+                 "--source", "sersic", "--steps", "150", "--restarts", "2", "--samples", "0",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for k in ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2"):
+        assert np.isfinite(summary["map"][k])
+    assert 0.1 <= summary["map"]["q"] <= 1.0 and 1.0 < summary["map"]["gamma"] < 3.0
+    assert "theta_E" in summary["map_lenstronomy"] and summary["reduced_chi2"] > 0
+    assert (out / "fit.png").exists() and "posterior" not in summary
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit", "{missing}", "--noise-sigma", "0.1"], "not found"),
+    (["fit", "{junk}", "--noise-sigma", "0.1"], "not a readable FITS"),
+    (["fit", "{obs}", "--noise-sigma", "-0.1"], "positive"),
+    (["fit", "{obs}"], "noise"),
+    (["fit", "{obs}", "--noise-sigma", "0.1", "--mask", "{small}"], "mask shape"),
+])
+def test_fit_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, args, message):
+    from astropy.io import fits
+
+    paths = dict(missing=tmp_path / "nope.fits", junk=tmp_path / "junk.fits",
+                 obs=tmp_path / "obs.fits", small=tmp_path / "small.fits")
+    paths["junk"].write_text("not a fits file")
+    write_observation(Observation(np.zeros((16, 16)), 0.1, 0.1), paths["obs"])
+    fits.PrimaryHDU(np.ones((3, 3))).writeto(paths["small"])
+    out = tmp_path / "out"
+    argv = [a.format(**paths) for a in args] + ["--out", str(out), "--source", "sersic"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
