@@ -64,65 +64,18 @@ def _cmd_train_vae(args):
                      indent=1, default=str))
 
 
-def _simulate(seed, noise_sigma, npix, pixel_scale, psf_sigma, source):
-    """A mock observation: lens from the default prior, source a VAE decode (or a Sersic)."""
-    import torch
-
-    from .datasets.mocks import draw_lens, make_mock
-
-    lens = draw_lens(seed)
-    field = npix * pixel_scale
-    if source == "vae":
-        from .sources.vae import load_default_vae
-
-        vae = load_default_vae()
-        prior = vae.prior
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            # a typical galaxy: the fitted latent distribution without the x9 prior inflation
-            z = torch.distributions.MultivariateNormal(
-                prior.mean, scale_tril=prior.scale_tril / 3.0).sample()
-        with torch.no_grad():
-            stamp = vae.decode(z).numpy()
-        obs, _ = make_mock(stamp, lens=lens, noise_sigma=noise_sigma, s=field / 6.0,
-                           npix=npix, pixel_scale=pixel_scale, psf_sigma=psf_sigma, seed=seed)
-        obs.truth["z"] = z.numpy().tolist()
-    else:
-        from .instrument import pixel_grid
-        from .sources import sersic
-
-        x, y = pixel_grid(64, 2 * (field / 6.0) / 64, dtype=torch.float64)
-        stamp = sersic(x, y, amp=1.0, r_e=field / 30, n=1.5, q=0.8, phi=1.0).numpy()
-        stamp = stamp / stamp.max()
-        obs, _ = make_mock(stamp, lens=lens, noise_sigma=noise_sigma, s=field / 6.0,
-                           npix=npix, pixel_scale=pixel_scale, psf_sigma=psf_sigma, seed=seed)
-    obs.truth.update(e1=lens["e1"], e2=lens["e2"])
-    return obs
-
-
 def _cmd_simulate(args):
+    from .datasets.mocks import simulate_mock
     from .datasets.observation import write_observation
 
-    obs = _simulate(args.seed, args.noise_sigma, args.npix, args.pixel_scale, args.psf_sigma,
-                    args.source)
+    obs = simulate_mock(args.seed, noise_sigma=args.noise_sigma, npix=args.npix,
+                        pixel_scale=args.pixel_scale, psf_sigma=args.psf_sigma,
+                        source=args.source)
     write_observation(obs, args.out)
     t = obs.truth
     print(f"wrote {args.out}: {args.npix}x{args.npix} at {args.pixel_scale}\"/px, S/N {t['snr']:.0f}; "
           + ", ".join(f"{k}={t[k]:.4f}" for k in ("r_ein", "q", "phi", "gamma", "x0", "y0",
                                                     "g1", "g2")))
-
-
-def _print_table(fit):
-    s = fit.summary()
-    truth = s.get("truth", {})
-    post = s.get("posterior", {})
-    print(f"\nreduced chi^2 {s['reduced_chi2']:.3f}")
-    print(f"{'param':7s} {'truth':>9s} {'MAP':>9s} {'post. mean':>11s} {'sd':>8s} {'R-hat':>6s}")
-    for k in ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2"):
-        p = post.get(k, {})
-        print(f"{k:7s} {truth.get(k, float('nan')):9.4f} {s['map'][k]:9.4f} "
-              f"{p.get('mean', float('nan')):11.4f} {p.get('sd', float('nan')):8.4f} "
-              f"{p.get('r_hat', float('nan')):6.3f}")
 
 
 def _cmd_fit(args):
@@ -139,7 +92,7 @@ def _cmd_fit(args):
                    steps=args.steps, restarts=args.restarts, samples=args.samples,
                    warmup=args.warmup, chains=args.chains, seed=args.seed)
     fit.save(args.out)
-    _print_table(fit)
+    print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
           (", posterior.nc, corner.png" if args.samples else ""))
 
@@ -148,6 +101,7 @@ def _cmd_demo(args):
     import time
     from pathlib import Path
 
+    from .datasets.mocks import simulate_mock
     from .datasets.observation import write_observation
     from .fitting import fit_lens
 
@@ -155,7 +109,7 @@ def _cmd_demo(args):
     t0 = time.perf_counter()
     print("difflens demo (QUICK settings: fewer MAP steps and NUTS samples than a science run; "
           "see `difflens fit --help`)")
-    obs = _simulate(args.seed, 0.1, 256, 0.04, 0.05, "vae")
+    obs = simulate_mock(args.seed, noise_sigma=0.1, source="vae")
     out.mkdir(parents=True, exist_ok=True)
     write_observation(obs, out / "mock.fits")
     print(f"simulated a 256x256 mock with the shipped VAE source, S/N {obs.truth['snr']:.0f} "
@@ -164,7 +118,7 @@ def _cmd_demo(args):
                    samples=args.samples, warmup=args.warmup, chains=args.chains,
                    max_tree_depth=args.max_tree_depth, seed=args.seed)
     fit.save(out)
-    _print_table(fit)
+    print(fit.table())
     print(f"\nwrote {out}/summary.json, fit.png, posterior.nc, corner.png "
           f"in {time.perf_counter() - t0:.0f} s")
 

@@ -89,6 +89,21 @@ class LensFit:
             out["truth"] = {k: v for k, v in self.observation.truth.items() if np.ndim(v) == 0}
         return out
 
+    def table(self) -> str:
+        """Truth (mocks) vs MAP vs posterior mean/sd/R-hat of the lens parameters, as text."""
+        s = self.summary()
+        truth, post = s.get("truth", {}), s.get("posterior", {})
+        nan = float("nan")
+        lines = [f"reduced chi^2 {s['reduced_chi2']:.3f}",
+                 f"{'param':7s} {'truth':>9s} {'MAP':>9s} {'post. mean':>11s} {'sd':>8s} "
+                 f"{'R-hat':>6s}"]
+        for k in LENS_KEYS:
+            p = post.get(k, {})
+            lines.append(f"{k:7s} {truth.get(k, nan):9.4f} {s['map'][k]:9.4f} "
+                         f"{p.get('mean', nan):11.4f} {p.get('sd', nan):8.4f} "
+                         f"{p.get('r_hat', nan):6.3f}")
+        return "\n".join(lines)
+
     def save(self, out_dir) -> Path:
         """Write summary.json, fit.png and (when sampled) posterior.nc and corner.png.
 

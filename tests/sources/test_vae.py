@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from difflens.sources.vae import (Decoder, Encoder, LatentPrior, VAEConfig, VAESource,
+from difflens.sources.vae import (Decoder, Encoder, LatentPrior, VAEConfig,
                                   default_vae_paths, load_default_vae, load_vae)
 from difflens.sources.vae_training import TrainConfig, dihedral_augment, train_vae
 

@@ -9,7 +9,6 @@ training set with its covariance multiplied by 9 (Sec. 2.1): :class:`LatentPrior
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
