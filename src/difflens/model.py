@@ -211,7 +211,8 @@ class LensModel:
                 raise ValueError(f"source must be 'sersic' or a VAESource, got {source!r}")
             # a private copy in the grid's dtype/device: the caller's VAE is left untouched
             self.vae = copy.deepcopy(source).to(dtype=dtype, device=device)
-            self.z_prior = source.prior.distribution(dtype=dtype, device=device)
+            base = source.prior.distribution(dtype=dtype, device=device)
+            self.z_prior = dist.MultivariateNormal(base.loc, scale_tril=base.scale_tril)
         self.priors = priors or Priors.default(self.source_kind)
         self.n_pixels = int(mask.sum()) if mask is not None else data.numel()
 

@@ -59,12 +59,13 @@ class Posterior:
         return tuple(np.quantile(x, [(1 - prob) / 2, (1 + prob) / 2]))
 
 
-def laplace_whitening(potential, flat0, rel_step=1e-5):
+def laplace_whitening(potential, flat0, rel_step=1e-5, min_curvature=1e-2):
     """Cholesky-like factor L of the inverse Hessian of ``potential`` at ``flat0``.
 
     The Hessian comes from central differences of autograd gradients (2 D evaluations; no second
-    derivatives needed), is symmetrised, and its eigenvalues are floored at 1e-8 of the largest so
-    that flat directions get a large but finite scale.  Returns ``L`` with ``L L^T = H^{-1}``.
+    derivatives needed), is symmetrised, and its eigenvalues are floored at ``min_curvature``
+    (scale <= 10 in unconstrained units), which also repairs small negative eigenvalues of a MAP
+    that is not exactly at the optimum.  Returns ``L`` with ``L L^T = H^{-1}``.
     """
     d = flat0.numel()
 
@@ -81,7 +82,8 @@ def laplace_whitening(potential, flat0, rel_step=1e-5):
     hess = torch.stack(cols, 1)
     hess = 0.5 * (hess + hess.T)
     evals, evecs = torch.linalg.eigh(hess)
-    floor = 1e-8 * evals.abs().max()
+    # proper priors keep unconstrained widths O(1): no direction gets a scale above 10
+    floor = max(float(1e-8 * evals.abs().max()), min_curvature)
     evals = torch.where(evals > floor, evals, torch.full_like(evals, floor))
     return evecs / evals.sqrt()
 
@@ -139,7 +141,12 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
                                                                          dtype=flat0.dtype)
 
     def whitened_potential(p):
-        return potential(flat0 + factor @ p["u"])
+        try:
+            return potential(flat0 + factor @ p["u"])
+        except ValueError:
+            # parameters the physics refuses (e.g. a width underflowing to 0 far out in a
+            # trajectory): a NaN potential, which NUTS treats as a divergence
+            return (p["u"] * 0.0).sum() + float("nan")
 
     per_chain = []
     for c in range(chains):
