@@ -137,5 +137,7 @@ def plot_corner(posterior, names=("r_ein", "q", "phi", "gamma"), truths=None):
               "gamma": r"$\gamma$", "x0": "$x_0$ ['']", "y0": "$y_0$ ['']", "g1": r"$g_1$",
               "g2": r"$g_2$"}
     t = [truths.get(k) for k in names] if truths else None
+    # density contours need a few hundred draws; short (demo) chains get points only
     return corner.corner(samples, labels=[labels.get(k, k) for k in names], truths=t,
-                         quantiles=[0.16, 0.5, 0.84], show_titles=True, title_fmt=".4f")
+                         quantiles=[0.16, 0.5, 0.84], show_titles=True, title_fmt=".4f",
+                         plot_contours=len(samples) >= 300, plot_density=len(samples) >= 300)

@@ -63,9 +63,9 @@ def laplace_whitening(potential, flat0, rel_step=1e-5, min_curvature=1e-2):
     """Cholesky-like factor L of the inverse Hessian of ``potential`` at ``flat0``.
 
     The Hessian comes from central differences of autograd gradients (2 D evaluations; no second
-    derivatives needed), is symmetrised, and its eigenvalues are floored at ``min_curvature``
-    (scale <= 10 in unconstrained units), which also repairs small negative eigenvalues of a MAP
-    that is not exactly at the optimum.  Returns ``L`` with ``L L^T = H^{-1}``.
+    derivatives needed), is symmetrised, and its eigenvalues are replaced by their absolute values
+    (a MAP slightly off the optimum can leave small negative ones) floored at ``min_curvature``
+    (scale <= 10 in unconstrained units).  Returns ``L`` with ``L L^T = |H|^{-1}``.
     """
     d = flat0.numel()
 
@@ -82,9 +82,9 @@ def laplace_whitening(potential, flat0, rel_step=1e-5, min_curvature=1e-2):
     hess = torch.stack(cols, 1)
     hess = 0.5 * (hess + hess.T)
     evals, evecs = torch.linalg.eigh(hess)
-    # proper priors keep unconstrained widths O(1): no direction gets a scale above 10
-    floor = max(float(1e-8 * evals.abs().max()), min_curvature)
-    evals = torch.where(evals > floor, evals, torch.full_like(evals, floor))
+    # negative curvature (a MAP slightly off the optimum) still measures the scale: use |lambda|
+    # (Betancourt's SoftAbs idea); proper priors keep widths O(1), so no scale exceeds 10
+    evals = evals.abs().clamp_min(max(float(1e-8 * evals.abs().max()), min_curvature))
     return evecs / evals.sqrt()
 
 
