@@ -100,3 +100,8 @@ def broadcast_params(params: Mapping[str, torch.Tensor], spatial_ndim: int):
             t = t.expand(batch).reshape((batch,) + (1,) * spatial_ndim)
         out[name] = t
     return out, batch
+
+
+def as_column(t: torch.Tensor, spatial_ndim: int) -> torch.Tensor:
+    """Reshape a () or (B,) parameter to (B or 1, 1, ..., 1) against (B, *S) coordinates."""
+    return t.reshape(-1, *([1] * spatial_ndim))

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._params import as_coords, as_param, broadcast_params, check_range
+from .._params import as_column, as_coords, as_param, broadcast_params, check_range
 
 IMAGE_PARAMS = ("x0", "y0", "s", "amp")
 
@@ -38,13 +38,13 @@ def sample_image(image, x, y, x0, y0, s, amp):
     """
     nb = max(image.shape[0], x.shape[0])
     spatial = x.shape[1:]
-    col = lambda t: t.reshape(-1, *([1] * len(spatial)))  # noqa: E731
-    u = ((x - col(x0)) / col(s)).reshape(x.shape[0], 1, -1)
-    v = ((y - col(y0)) / col(s)).reshape(y.shape[0], 1, -1)
+    nd = len(spatial)
+    u = ((x - as_column(x0, nd)) / as_column(s, nd)).reshape(x.shape[0], 1, -1)
+    v = ((y - as_column(y0, nd)) / as_column(s, nd)).reshape(y.shape[0], 1, -1)
     grid = torch.stack([u, v], dim=-1).expand(nb, -1, -1, -1)
     stamp = image.unsqueeze(1).expand(nb, -1, -1, -1)
     out = F.grid_sample(stamp, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return col(amp) * out.reshape(nb, *spatial)
+    return as_column(amp, nd) * out.reshape(nb, *spatial)
 
 
 def image_source(x, y, image, *, x0, y0, s, amp):

@@ -11,14 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._params import as_param, check_range
+from .._params import as_column, as_param, check_range
 from .image import IMAGE_PARAMS, sample_image
 from .sersic import SERSIC_PARAMS, sersic_profile, validate_sersic
-
-
-def _column(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Reshape a () or (B,) parameter to broadcast against (B, *S) with len(S) = ndim."""
-    return t.reshape(-1, *([1] * ndim))
 
 
 @dataclass
@@ -41,7 +36,7 @@ class Sersic:
     def __call__(self, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
         p = validate_sersic({k: getattr(self, k) for k in SERSIC_PARAMS}, bx, prefix="source ")
         nd = bx.ndim - 1
-        return sersic_profile(bx, by, **{k: _column(v, nd) for k, v in p.items()})
+        return sersic_profile(bx, by, **{k: as_column(v, nd) for k, v in p.items()})
 
 
 @dataclass
