@@ -73,6 +73,14 @@ def ellipticity_to_q_phi(e1, e2, q_min=Q_MIN):
     return (1.0 - eps) / (1.0 + eps), 0.5 * torch.atan2(e2, e1)
 
 
+def unwrap_angle(phi, reference, period=math.pi):
+    """Shift position angles by multiples of ``period`` into (reference - period/2,
+    reference + period/2]: posterior draws of phi near +-pi/2 must not be split across the
+    branch cut of ``atan2`` when summarised (radians)."""
+    phi = torch.as_tensor(phi)
+    return reference + torch.remainder(phi - reference + period / 2, period) - period / 2
+
+
 def q_phi_to_ellipticity(q, phi, q_min=Q_MIN):
     """Inverse of :func:`ellipticity_to_q_phi` (for initialisation and truths)."""
     eps_max = (1.0 - q_min) / (1.0 + q_min)

@@ -47,6 +47,15 @@ def test_ellipticity_map_round_trip_and_bound():
     assert float(phi_plus) == pytest.approx(0.3)          # phi and phi + pi are one point
 
 
+def test_unwrap_angle_keeps_draws_near_pi_over_2_together():
+    from difflens.model import unwrap_angle
+
+    draws = torch.tensor([1.55, -1.56, 1.57, -1.55], dtype=torch.float64)   # one mode at pi/2
+    out = unwrap_angle(draws, 1.56)
+    assert float(out.max() - out.min()) < 0.05
+    torch.testing.assert_close(torch.cos(2 * out), torch.cos(2 * draws))   # same ellipses
+
+
 def test_truncated_normal_density_and_samples():
     d = TruncatedNormal(2.0, 0.25, 1.2, 2.8)
     x = torch.linspace(1.3, 2.7, 5, dtype=torch.float64)

@@ -20,7 +20,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_value
 
-from ..model import LensModel, ellipticity_to_q_phi
+from ..model import LensModel, ellipticity_to_q_phi, unwrap_angle
 
 LENS_KEYS = ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2")
 
@@ -174,7 +174,10 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     for k, v in model.fixed_values().items():
         posterior[k] = np.full(shape, v)
     q, phi = ellipticity_to_q_phi(torch.as_tensor(posterior["e1"]), torch.as_tensor(posterior["e2"]))
-    posterior["q"], posterior["phi"] = q.numpy(), phi.numpy()
+    # phi has period pi: summarise it on the branch centred on the starting point (the MAP)
+    e0 = {k: torch.as_tensor(init[k] if k in init else model.fixed_values()[k]) for k in ("e1", "e2")}
+    phi0 = float(ellipticity_to_q_phi(e0["e1"], e0["e2"])[1])
+    posterior["q"], posterior["phi"] = q.numpy(), unwrap_angle(phi, phi0).numpy()
     idata = az.from_dict(posterior=posterior)
     rhat, ess = {}, {}
     for k in LENS_KEYS:
