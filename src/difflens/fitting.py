@@ -22,9 +22,8 @@ from .datasets.observation import Observation
 from .infer import MAPResult, Posterior, fit_map, sample_posterior
 from .lensing import to_lenstronomy_epl
 from .model import LensModel, Priors
-from .simulate import Simulator
+from .simulate import LENS_PARAMS, Simulator
 
-LENS_KEYS = ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2")
 
 
 def _source_model(source):
@@ -71,7 +70,7 @@ class LensFit:
         method.md conventions, source parameters beside them), lenstronomy conversions, reduced
         chi^2, and the posterior's mean / sd / 94% HDI with R-hat and ESS when sampled."""
         m = self.map
-        out = {"map": {k: float(m.params[k]) for k in LENS_KEYS}}
+        out = {"map": {k: float(m.params[k]) for k in LENS_PARAMS}}
         for k, v in m.params.items():
             if k.startswith("src_"):
                 out["map"][k] = float(v)
@@ -97,7 +96,7 @@ class LensFit:
         lines = [f"reduced chi^2 {s['reduced_chi2']:.3f}",
                  f"{'param':7s} {'truth':>9s} {'MAP':>9s} {'post. mean':>11s} {'sd':>8s} "
                  f"{'R-hat':>6s}"]
-        for k in LENS_KEYS:
+        for k in LENS_PARAMS:
             p = post.get(k, {})
             lines.append(f"{k:7s} {truth.get(k, nan):9.4f} {s['map'][k]:9.4f} "
                          f"{p.get('mean', nan):11.4f} {p.get('sd', nan):8.4f} "

@@ -12,7 +12,7 @@ import torch
 
 from ..instrument import add_noise, signal_to_noise
 from ..model import Priors, lens_from_sites
-from ..simulate import Simulator
+from ..simulate import LENS_PARAMS, Simulator
 from ..sources import PixelSource
 from .observation import Observation
 
@@ -69,7 +69,7 @@ def make_mock(source_stamp, *, lens: dict, noise_sigma=0.1, s=None, amp=1.0, src
                     dtype=torch.float64)
     s = s if s is not None else npix * pixel_scale / 6.0
     stamp = torch.as_tensor(np.asarray(source_stamp), dtype=torch.float64)
-    lens_t = {k: lens[k] for k in ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2")}
+    lens_t = {k: lens[k] for k in LENS_PARAMS}
     clean = sim.image(lens_t, PixelSource(stamp, x0=src_x0, y0=src_y0, s=s, amp=amp))
     noisy = add_noise(clean, noise_sigma, generator=torch.Generator().manual_seed(seed))
     sn = float(signal_to_noise(noisy, noise_sigma, pixel_scale))

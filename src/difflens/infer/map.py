@@ -25,6 +25,7 @@ from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 
 from ..instrument import pixel_grid
 from ..model import LensModel
+from ..simulate import LENS_PARAMS
 
 
 @dataclass
@@ -62,8 +63,7 @@ class MAPResult:
 
     def lens(self) -> dict:
         """The eight lens parameters as floats (method.md conventions)."""
-        return {k: float(self.params[k]) for k in ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1",
-                                                   "g2")}
+        return {k: float(self.params[k]) for k in LENS_PARAMS}
 
     def sample_sites(self) -> dict:
         """Only the sampled sites (for ``init_to_value``)."""

@@ -21,8 +21,8 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_value
 
 from ..model import LensModel, ellipticity_to_q_phi, unwrap_angle
+from ..simulate import LENS_PARAMS
 
-LENS_KEYS = ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Posterior:
         import arviz as az
 
         out = {}
-        for k in LENS_KEYS:
+        for k in LENS_PARAMS:
             x = self.idata.posterior[k].values
             lo, hi = az.hdi(x.reshape(-1), hdi_prob=hdi_prob)
             out[k] = dict(mean=float(x.mean()), sd=float(x.std()), hdi_low=float(lo),
@@ -136,7 +136,7 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     flat0 = torch.cat([init_params[n].detach().reshape(-1) for n in names])
 
     def unflatten(v):
-        return {n: c.reshape(sh) for n, c, sh in zip(names, torch.split(v, sizes), shapes)}
+        return {n: t[0] for n, t in unflatten_batch(v[None], names, sizes, shapes).items()}
 
     def potential(v):
         return potential_fn(unflatten(v))
@@ -180,14 +180,14 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     posterior["q"], posterior["phi"] = q.numpy(), unwrap_angle(phi, phi0).numpy()
     idata = az.from_dict(posterior=posterior)
     rhat, ess = {}, {}
-    for k in LENS_KEYS:
+    for k in LENS_PARAMS:
         x = posterior[k]
         if np.ptp(x) == 0:                         # a fixed parameter
             rhat[k], ess[k] = float("nan"), float("nan")
             continue
         rhat[k] = float(az.rhat(x)) if chains > 1 else float("nan")
         ess[k] = float(az.ess(x))
-    bad = [k for k in LENS_KEYS if (chains > 1 and rhat[k] > 1.01) or ess[k] < 100]
+    bad = [k for k in LENS_PARAMS if (chains > 1 and rhat[k] > 1.01) or ess[k] < 100]
     if bad:
         warnings.warn("poor convergence for " + ", ".join(
             f"{k} (R-hat {rhat[k]:.3f}, ESS {ess[k]:.0f})" for k in bad)
