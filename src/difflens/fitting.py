@@ -34,8 +34,19 @@ def _source_model(source):
     return source
 
 
+def data_flux_scale(obs: Observation) -> float:
+    """A typical bright-pixel value of the data (image units): the 99.5th percentile of the
+    unmasked pixels, used to centre amplitude priors (see :class:`difflens.model.Priors`)."""
+    pixels = obs.image[obs.mask] if obs.mask is not None else obs.image.reshape(-1)
+    pixels = pixels[np.isfinite(pixels)]
+    value = float(np.percentile(pixels, 99.5)) if pixels.size else 0.0
+    if not value > 0:
+        raise ValueError("the image has no positive signal to set the flux scale; pass flux_scale")
+    return value
+
+
 def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=None,
-                supersample=1, dtype=torch.float64) -> LensModel:
+                lens_light=0, flux_scale="auto", supersample=1, dtype=torch.float64) -> LensModel:
     """The :class:`LensModel` of an observation (grid and PSF taken from it).
 
     Parameters
@@ -44,12 +55,24 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
     priors : "default", "paper" or a Priors
     psf_sigma : float, optional
         Gaussian PSF sigma (arcsec) used when the observation carries no PSF kernel.
+    lens_light : int
+        Number of elliptical Sersic lens-light components (0 when the lens light is subtracted).
+    flux_scale : float or "auto"
+        Centre of the amplitude priors, image units; "auto" takes :func:`data_flux_scale`.
+    supersample : int
+        Sub-pixels per pixel side for ray tracing (>= 1).
     """
     src = _source_model(source)
     kind = "sersic" if isinstance(src, str) else "vae"
-    pri = priors if isinstance(priors, Priors) else Priors.preset(priors, kind)
+    if isinstance(priors, Priors):
+        pri = priors
+    else:
+        scale = data_flux_scale(obs) if flux_scale == "auto" else flux_scale
+        pri = Priors.preset(priors, kind, lens_light=lens_light, flux_scale=scale)
     if obs.psf is None and psf_sigma is None:
         raise ValueError("the observation has no PSF: give psf_sigma (arcsec) or a PSF kernel")
+    if not (isinstance(supersample, int) and supersample >= 1):
+        raise ValueError(f"supersample must be an integer >= 1, got {supersample!r}")
     sim = Simulator(npix=obs.shape, pixel_scale=obs.pixel_scale,
                     psf=torch.as_tensor(obs.psf) if obs.psf is not None else None,
                     psf_sigma=psf_sigma, supersample=supersample, dtype=dtype)
@@ -72,7 +95,7 @@ class LensFit:
         m = self.map
         out = {"map": {k: float(m.params[k]) for k in LENS_PARAMS}}
         for k, v in m.params.items():
-            if k.startswith("src_"):
+            if k.startswith(("src_", "light")):
                 out["map"][k] = float(v)
         if "z" in m.params:
             out["map"]["z"] = m.params["z"].cpu().numpy().round(6).tolist()
@@ -145,9 +168,10 @@ class LensFit:
         return None
 
 
-def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, steps=2000,
-             restarts=4, samples=0, warmup=200, chains=2, max_tree_depth=7, seed=0,
-             dtype=torch.float64, progress=True, init=None) -> LensFit:
+def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
+             flux_scale="auto", supersample=1, steps=2000, restarts=4, samples=0, warmup=200,
+             chains=2, max_tree_depth=7, seed=0, dtype=torch.float64, progress=True,
+             init=None) -> LensFit:
     """MAP fit and, if ``samples > 0``, a NUTS posterior started at the MAP.
 
     Parameters
@@ -157,12 +181,15 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     priors : "default" or "paper" (or a Priors)
     psf_sigma : float, optional
         Gaussian PSF sigma in arcsec if ``obs`` has no kernel.
+    lens_light, flux_scale, supersample : see :func:`build_model`
     steps, restarts : MAP settings (see :func:`difflens.infer.fit_map`)
     samples, warmup, chains, max_tree_depth : NUTS settings per chain
     seed : int
         Makes the whole fit reproducible.
     """
-    model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma, dtype=dtype)
+    model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
+                        lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
+                        dtype=dtype)
     result = fit_map(model, steps=steps, restarts=restarts, seed=seed, progress=progress,
                      init=init)
     post = None

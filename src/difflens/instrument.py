@@ -193,6 +193,64 @@ def add_noise(image, noise_sigma, *, generator=None):
     return image + sigma * noise
 
 
+def noise_map_from_exposure(image, background_rms, exposure_time):
+    """Per-pixel noise of a drizzled image in counts/s (the HST-pipeline / lenstronomy convention).
+
+        sigma = sqrt(background_rms^2 + max(I, 0) / t_exp),
+
+    background (sky + read noise) plus the Poisson noise of the source counts ``I t_exp``, divided
+    by ``t_exp``.  Negative pixels carry background noise only.
+
+    Parameters
+    ----------
+    image : Tensor or array (..., H, W)
+        Image in counts per second (electrons/s).
+    background_rms : float
+        Background noise per pixel, counts/s, > 0.
+    exposure_time : float or Tensor/array broadcastable to the image
+        Effective exposure time per pixel (an exposure map for drizzled frames), seconds, > 0.
+
+    Returns
+    -------
+    Tensor (..., H, W), counts/s.
+
+    Examples
+    --------
+    >>> float(noise_map_from_exposure(torch.tensor([[4.0]]), 3.0, 1.0)[0, 0])
+    3.605551275463989
+    """
+    img = torch.as_tensor(image)
+    if not img.is_floating_point():
+        img = img.to(torch.get_default_dtype())
+    t = torch.as_tensor(exposure_time, dtype=img.dtype)
+    if not (math.isfinite(float(background_rms)) and float(background_rms) > 0):
+        raise ValueError(f"background_rms must be positive and finite, got {background_rms!r}")
+    if not torch.isfinite(t).all() or (t <= 0).any():
+        raise ValueError("exposure_time must be positive and finite everywhere (seconds)")
+    try:
+        torch.broadcast_shapes(t.shape, img.shape)
+    except RuntimeError as exc:
+        raise ValueError(f"exposure map shape {tuple(t.shape)} does not match the image "
+                         f"{tuple(img.shape)}") from exc
+    return torch.sqrt(float(background_rms) ** 2 + img.clamp_min(0.0) / t)
+
+
+def aperture_mask(npix, pixel_scale, radius, *, inner_radius=0.0, centre=(0.0, 0.0)):
+    """Boolean mask (True = pixel used) of an annulus ``inner_radius <= r <= radius`` (arcsec)
+    around ``centre`` (arcsec, pixel-frame x along columns, y along rows).
+
+    Examples
+    --------
+    >>> int(aperture_mask(5, 1.0, 1.0).sum())
+    5
+    """
+    if not (radius > 0 and 0 <= inner_radius < radius):
+        raise ValueError(f"need 0 <= inner_radius < radius, got {inner_radius}, {radius}")
+    x, y = pixel_grid(npix, pixel_scale, dtype=torch.float64)
+    r = torch.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2)
+    return (r <= radius) & (r >= inner_radius)
+
+
 def signal_to_noise(image, noise_sigma, pixel_scale, *, blur_sigma=0.16):
     """The paper's S/N of an observation (Chianese et al. 2019, eqs. 24-25).
 

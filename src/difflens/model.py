@@ -11,6 +11,13 @@ amplitude have priors whose support excludes unphysical values.
 
 Sources: the VAE decoder (latent ``z`` with the fitted multivariate-normal prior, centre, half-width
 ``s``, amplitude ``amp``; eq. 17) or an elliptical Sersic profile.
+
+Lens light (real data, where it is not subtracted): any number of elliptical Sersic components in
+the image plane, added before the PSF.  Their sites are ``light{i}_{amp,r_e,n,e1,e2,x0,y0}``; a
+centre given as the string ``"mass"`` is tied to the mass centre (the usual assumption).
+
+Amplitude priors scale with ``flux_scale`` (image units), a typical bright-pixel value of the data,
+so the same presets serve normalised mocks (``flux_scale = 1``) and real images in counts/s.
 """
 from __future__ import annotations
 
@@ -121,49 +128,90 @@ class Priors:
     lens: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     name: str = "custom"
+    lens_light: list = field(default_factory=list)
 
     @classmethod
-    def default(cls, source="vae"):
-        """Physically sensible defaults (arcsec, radians)."""
+    def default(cls, source="vae", lens_light=0, flux_scale=1.0, centre=(0.0, 0.0)):
+        """Physically sensible defaults (arcsec, radians).
+
+        Parameters
+        ----------
+        source : "vae" or "sersic"
+        lens_light : int
+            Number of Sersic lens-light components (centred on the mass).
+        flux_scale : float
+            Typical bright-pixel value of the data (image units); amplitude priors are centred on it.
+        centre : (float, float)
+            Expected lens centre (arcsec); the mass and source centre priors are Normal around it.
+        """
+        _check_scale(flux_scale)
+        cx, cy = centre
         lens = dict(r_ein=_uniform(0.3, 3.0), e1=_normal(0.0, 0.2),
                     e2=_normal(0.0, 0.2), gamma=TruncatedNormal(2.0, 0.25, 1.2, 2.8),
-                    x0=_normal(0.0, 0.2), y0=_normal(0.0, 0.2),
+                    x0=_normal(cx, 0.2), y0=_normal(cy, 0.2),
                     g1=_normal(0.0, 0.05), g2=_normal(0.0, 0.05))
-        return cls(lens=lens, source=_source_priors(source, paper=False), name="default")
+        return cls(lens=lens, source=_source_priors(source, False, flux_scale, centre),
+                   name="default", lens_light=lens_light_priors(lens_light, flux_scale))
 
     @classmethod
-    def paper(cls, source="vae"):
+    def paper(cls, source="vae", lens_light=0, flux_scale=1.0, centre=(0.0, 0.0)):
         """Chianese et al. (2019) eqs. 14-16, 18-23, made safe: r_ein, gamma, s, amp truncated to
         physical ranges; q and phi replaced by components e1, e2 whose spread matches the paper's
         q ~ N(0.5, 0.5); shear N(0, 1) truncated to |g| < 0.5 per component."""
+        _check_scale(flux_scale)
+        cx, cy = centre
         lens = dict(r_ein=TruncatedNormal(1.5, 0.5, 0.1, 4.0), e1=_normal(0.0, 0.4),
                     e2=_normal(0.0, 0.4), gamma=TruncatedNormal(2.0, 0.5, 1.05, 2.95),
-                    x0=_normal(0.0, 0.5), y0=_normal(0.0, 0.5),
+                    x0=_normal(cx, 0.5), y0=_normal(cy, 0.5),
                     g1=TruncatedNormal(0.0, 1.0, -0.5, 0.5), g2=TruncatedNormal(0.0, 1.0, -0.5, 0.5))
-        return cls(lens=lens, source=_source_priors(source, paper=True), name="paper")
+        return cls(lens=lens, source=_source_priors(source, True, flux_scale, centre),
+                   name="paper", lens_light=lens_light_priors(lens_light, flux_scale))
 
     @classmethod
-    def preset(cls, name: str, source="vae"):
+    def preset(cls, name: str, source="vae", **kwargs):
+        """``Priors.default(source, **kwargs)`` or ``Priors.paper(source, **kwargs)``."""
         if name not in ("default", "paper"):
             raise ValueError(f"unknown prior preset {name!r}; use 'default' or 'paper'")
-        return getattr(cls, name)(source)
+        return getattr(cls, name)(source, **kwargs)
 
 
-def _source_priors(source, paper):
+def _check_scale(flux_scale):
+    if not (isinstance(flux_scale, (int, float)) and math.isfinite(flux_scale) and flux_scale > 0):
+        raise ValueError(f"flux_scale must be a positive number (image units), got {flux_scale!r}")
+
+
+def _source_priors(source, paper, flux_scale=1.0, centre=(0.0, 0.0)):
+    f = float(flux_scale)
+    cx, cy = centre
     if source == "vae":
         if paper:
             # eq. 15 s ~ N(5, 1) read as half-width s/3 arcsec: the paper's mocks fill the central
             # third of the 10.24" field; eq. 16 iota ~ N(1, 0.5) truncated to be positive.
-            return dict(x0=_normal(0.0, 0.1), y0=_normal(0.0, 0.1),
+            return dict(x0=_normal(cx, 0.1), y0=_normal(cy, 0.1),
                         s=TruncatedNormal(5.0 / 3.0, 1.0 / 3.0, 0.2, 4.0),
-                        amp=TruncatedNormal(1.0, 0.5, 0.01, 5.0))
-        return dict(x0=_normal(0.0, 0.2), y0=_normal(0.0, 0.2),
-                    s=_lognormal(math.log(1.0), 0.6), amp=_lognormal(0.0, 1.0))
+                        amp=TruncatedNormal(f, 0.5 * f, 0.01 * f, 5.0 * f))
+        return dict(x0=_normal(cx, 0.2), y0=_normal(cy, 0.2),
+                    s=_lognormal(math.log(1.0), 0.6), amp=_lognormal(math.log(f), 1.5))
     if source == "sersic":
-        return dict(amp=_lognormal(0.0, 1.5), r_e=_lognormal(math.log(0.3), 0.8),
+        return dict(amp=_lognormal(math.log(f), 1.5), r_e=_lognormal(math.log(0.3), 0.8),
                     n=_uniform(0.5, 6.0), e1=_normal(0.0, 0.2), e2=_normal(0.0, 0.2),
-                    x0=_normal(0.0, 0.2), y0=_normal(0.0, 0.2))
+                    x0=_normal(cx, 0.2), y0=_normal(cy, 0.2))
     raise ValueError(f"source must be 'vae' or 'sersic', got {source!r}")
+
+
+def lens_light_priors(n_components: int, flux_scale=1.0) -> list:
+    """Priors of ``n_components`` elliptical Sersic lens-light components centred on the mass.
+
+    Component i has a prior half-light radius around ``0.5 * 3**i`` arcsec (a compact bulge, then
+    more extended ones) and amplitude (surface brightness at r_e) around ``0.1 * flux_scale``;
+    both log-normal and broad.  Replace ``"mass"`` centres with distributions to free them.
+    """
+    if not (isinstance(n_components, int) and n_components >= 0):
+        raise ValueError(f"lens_light must be a number of components >= 0, got {n_components!r}")
+    return [dict(amp=_lognormal(math.log(0.1 * flux_scale), 2.5),
+                 r_e=_lognormal(math.log(0.5 * 3.0 ** i), 1.0), n=_uniform(0.5, 8.0),
+                 e1=_normal(0.0, 0.25), e2=_normal(0.0, 0.25), x0="mass", y0="mass")
+            for i in range(n_components)]
 
 
 def lens_from_sites(values: dict) -> dict:
@@ -235,12 +283,29 @@ class LensModel:
             return torch.tensor(float(prior), dtype=dtype, device=device)
         return pyro.sample(name, prior).to(dtype=dtype, device=device)
 
+    def all_priors(self) -> dict:
+        """Every prior by site name (lens, ``src_*``, ``light{i}_*``), numbers for fixed ones and
+        ``"mass"`` for centres tied to the mass."""
+        out = dict(self.priors.lens)
+        out.update({"src_" + k: v for k, v in self.priors.source.items()})
+        for i, comp in enumerate(self.priors.lens_light):
+            out.update({f"light{i}_{k}": v for k, v in comp.items()})
+        return out
+
     def fixed_values(self) -> dict:
         """Parameters held fixed (priors given as numbers), by site name."""
-        out = {k: float(v) for k, v in self.priors.lens.items() if isinstance(v, (int, float))}
-        out.update({"src_" + k: float(v) for k, v in self.priors.source.items()
-                    if isinstance(v, (int, float))})
-        return out
+        return {k: float(v) for k, v in self.all_priors().items() if isinstance(v, (int, float))}
+
+    def sample_lens_light(self, lens: dict) -> list:
+        """Sample the lens-light sites; return Sersic profiles for the simulator."""
+        lights = []
+        for i, comp in enumerate(self.priors.lens_light):
+            p = {k: lens[k] if isinstance(d, str) and d == "mass" else
+                 self._sample(f"light{i}_{k}", d) for k, d in comp.items()}
+            q, phi = ellipticity_to_q_phi(p["e1"], p["e2"])
+            lights.append(Sersic(amp=p["amp"], r_e=p["r_e"], n=p["n"], q=q, phi=phi,
+                                 x0=p["x0"], y0=p["y0"]))
+        return lights
 
     def sample_source(self):
         """Sample the source sites; return a source callable for the simulator."""
@@ -258,7 +323,8 @@ class LensModel:
         lens = lens_from_sites(sites)
         pyro.deterministic("q", lens["q"])
         pyro.deterministic("phi", lens["phi"])
-        return self.simulator.image(lens, self.sample_source())
+        source = self.sample_source()
+        return self.simulator.image(lens, source, self.sample_lens_light(lens))
 
     def __call__(self):
         image = self.predict()

@@ -3,7 +3,9 @@
 The lens equation (Chianese et al. 2019, eqs. 6, 8, 10):
 
     beta = theta - alpha_SPLE(theta) - alpha_shear(theta),
-    I_lens(theta) = I_src(beta),       I_pred = PSF * I_lens,
+    I_lens(theta) = I_src(beta),       I_pred = PSF * (I_lens + I_light),
+
+with ``I_light`` the (optional) light of the lens galaxy itself, evaluated unlensed in the image plane
 
 evaluated on (optionally supersampled) pixel centres.  The grid is extended by the PSF half-width on
 every side and the convolution keeps only the "valid" part, so light from just outside the field
@@ -115,25 +117,38 @@ class Simulator:
         binned = bin_pixels(surface_brightness, self.supersample)
         return convolve(binned, self.psf, mode="valid")
 
-    def image(self, lens: dict, source):
-        """Predicted image of ``source`` lensed by ``lens``.
+    def image(self, lens: dict, source, lens_light=()):
+        """Predicted image of ``source`` lensed by ``lens``, plus the lens galaxy's own light.
 
         Parameters
         ----------
         lens : dict
             The eight parameters of :data:`LENS_PARAMS`, floats or () / (B,) tensors.
-        source : callable
+        source : callable or None
             ``source(bx, by) -> brightness`` on (B, *S) positions, e.g.
-            :class:`difflens.sources.Sersic` or :class:`difflens.sources.PixelSource`.
+            :class:`difflens.sources.Sersic` or :class:`difflens.sources.PixelSource`;
+            None for no lensed source (lens light only).
+        lens_light : sequence of callables
+            Light profiles of the lens galaxy (e.g. :class:`difflens.sources.Sersic` with an
+            image-plane centre, arcsec), evaluated on the unlensed grid and added before the PSF.
 
         Returns
         -------
-        Tensor (ny, nx), or (B, ny, nx) when the lens or the source is batched.
+        Tensor (ny, nx), or (B, ny, nx) when the lens, the source or the light is batched.
         """
-        bx, by = self.ray_trace(lens)
-        lens_batched = bx.ndim == 3
-        if not lens_batched:
-            bx, by = bx[None], by[None]
-        brightness = source(bx, by)
+        if source is None and not lens_light:
+            raise ValueError("nothing to image: give a source or lens light")
+        brightness = 0.0
+        batched = False
+        if source is not None:
+            bx, by = self.ray_trace(lens)
+            batched = bx.ndim == 3
+            if not batched:
+                bx, by = bx[None], by[None]
+            brightness = source(bx, by)
+        for light in lens_light:
+            term = light(self.x[None], self.y[None])
+            batched = batched or term.shape[0] > 1
+            brightness = brightness + term
         img = self.observe(brightness)
-        return img if lens_batched or img.shape[0] > 1 else img[0]
+        return img if batched or img.shape[0] > 1 else img[0]

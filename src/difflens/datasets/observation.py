@@ -76,6 +76,30 @@ class Observation:
     def shape(self):
         return self.image.shape
 
+    def cutout(self, size, centre=None) -> "Observation":
+        """A square ``size`` x ``size`` pixel cutout (image, noise map and mask; the PSF is kept).
+
+        Parameters
+        ----------
+        size : int
+            Side in pixels.
+        centre : (row, col), optional
+            Central pixel of the cutout; default the image centre.
+        """
+        ny, nx = self.shape
+        if not (isinstance(size, int) and 1 <= size <= min(ny, nx)):
+            raise ValueError(f"cutout size must be an integer in [1, {min(ny, nx)}], got {size!r}")
+        row, col = (ny // 2, nx // 2) if centre is None else (int(centre[0]), int(centre[1]))
+        r0, c0 = row - size // 2, col - size // 2
+        if r0 < 0 or c0 < 0 or r0 + size > ny or c0 + size > nx:
+            raise ValueError(f"a {size}-pixel cutout around ({row}, {col}) leaves the "
+                             f"{ny}x{nx} image")
+        cut = (slice(r0, r0 + size), slice(c0, c0 + size))
+        noise = self.noise_sigma if np.ndim(self.noise_sigma) == 0 else self.noise_sigma[cut]
+        return Observation(image=self.image[cut], noise_sigma=noise, pixel_scale=self.pixel_scale,
+                           psf=self.psf, mask=None if self.mask is None else self.mask[cut],
+                           truth=self.truth)
+
 
 def write_observation(obs: Observation, path, overwrite=True) -> None:
     """Write ``obs`` to a FITS file (atomically: a temporary file renamed into place)."""
@@ -112,17 +136,24 @@ def write_observation(obs: Observation, path, overwrite=True) -> None:
 
 
 def read_observation(path, *, noise_sigma=None, noise_map=None, psf=None, mask=None,
-                     pixel_scale=None) -> Observation:
+                     exclude=None, pixel_scale=None) -> Observation:
     """Read an observation from FITS; explicit arguments override what the file holds.
+
+    A lenstronomy-style HDF5 image (``.h5``/``.hdf5``) is read by
+    :func:`read_lenstronomy_hdf5` instead (noise map from background rms and exposure map).
 
     Parameters
     ----------
     path : FITS file with the image in the primary HDU (or the first image HDU).
     noise_sigma : float, optional
     noise_map, psf, mask : path or array, optional
-        FITS files (primary HDU) or arrays.
+        FITS files (first data HDU) or arrays; a PSF may also be an HDF5 file (:func:`load_psf`).
+        ``mask``: nonzero = pixel used.
+    exclude : path or array, optional
+        Pixels to leave out of the likelihood (nonzero = excluded, e.g. other galaxies; the
+        PyAutoLens ``mask_extra_galaxies`` convention); combined with ``mask``.
     pixel_scale : float, optional
-        arcsec/pixel; else the header's ``PIXSCALE`` (or ``PIXSCAL1`` / ``CDELT2`` in degrees).
+        arcsec/pixel; else the header's ``PIXSCALE`` (or ``CDELT2`` in degrees).
 
     Raises
     ------
@@ -134,6 +165,9 @@ def read_observation(path, *, noise_sigma=None, noise_map=None, psf=None, mask=N
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"observation file not found: {path}")
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        obs = read_lenstronomy_hdf5(path, psf)
+        return _override(obs, noise_sigma, noise_map, mask, exclude, pixel_scale)
     try:
         hdul = fits.open(path)
     except OSError as exc:
@@ -167,10 +201,111 @@ def read_observation(path, *, noise_sigma=None, noise_map=None, psf=None, mask=N
         _load_array(noise_map, "noise map") if noise_map is not None else file_noise)
     if noise is None:
         raise ValueError("no noise given: pass noise_sigma (--noise-sigma) or a noise map")
+    use = _load_array(mask, "mask") != 0 if mask is not None else file_mask
     return Observation(image=image, noise_sigma=noise, pixel_scale=pixel_scale,
-                       psf=_load_array(psf, "PSF") if psf is not None else file_psf,
-                       mask=_load_array(mask, "mask") if mask is not None else file_mask,
-                       truth=truth)
+                       psf=load_psf(psf) if psf is not None else file_psf,
+                       mask=_combine_masks(use, exclude, image.shape), truth=truth)
+
+
+def _combine_masks(use, exclude, shape):
+    """Pixels used = ``use`` (default all) and not ``exclude``; None if everything is used."""
+    if exclude is None:
+        return use
+    excl = np.asarray(_load_array(exclude, "exclusion mask")) != 0
+    if excl.shape != tuple(shape):
+        raise ValueError(f"exclusion mask shape {excl.shape} does not match the image {shape}")
+    return (np.ones(shape, bool) if use is None else np.asarray(use, bool)) & ~excl
+
+
+def _override(obs, noise_sigma, noise_map, mask, exclude, pixel_scale):
+    noise = noise_sigma if noise_sigma is not None else (
+        _load_array(noise_map, "noise map") if noise_map is not None else obs.noise_sigma)
+    use = _load_array(mask, "mask") != 0 if mask is not None else obs.mask
+    return Observation(image=obs.image, noise_sigma=noise,
+                       pixel_scale=pixel_scale if pixel_scale is not None else obs.pixel_scale,
+                       psf=obs.psf, mask=_combine_masks(use, exclude, obs.shape), truth=obs.truth)
+
+
+def load_psf(source, *, max_sum_error=0.1):
+    """A pixel PSF kernel from a FITS file (first data HDU), an HDF5 file (dataset
+    ``kernel_point_source``, lenstronomy's name, else the only 2-d dataset) or an array.
+
+    The kernel is validated (odd sides, finite, centred; :func:`difflens.instrument.pixel_psf`) and
+    normalised to unit sum.  A kernel whose sum differs from 1 by more than ``max_sum_error`` is
+    normalised too, with a warning: it was cut from a wider PSF or is in other units, and a
+    truncated PSF loses the light of its wings.
+
+    Returns
+    -------
+    ndarray (kh, kw), summing to 1.
+    """
+    import warnings
+
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in (".h5", ".hdf5"):
+        kernel = _read_hdf5_array(Path(source), "kernel_point_source", "PSF")
+    else:
+        kernel = _load_array(source, "PSF")
+    kernel = np.asarray(kernel, dtype=np.float64)
+    total = float(kernel.sum()) if np.isfinite(kernel).all() else float("nan")
+    if np.isfinite(total) and total > 0 and abs(total - 1.0) > max_sum_error:
+        warnings.warn(f"PSF kernel sums to {total:.4g}, not 1; normalising it", RuntimeWarning,
+                      stacklevel=2)
+    return pixel_psf(kernel).numpy()
+
+
+def _read_hdf5_array(path: Path, name, what):
+    import h5py
+
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with h5py.File(path, "r") as h:
+            if name in h:
+                return np.asarray(h[name][()], dtype=np.float64)
+            arrays = [k for k in h if getattr(h[k], "ndim", 0) == 2]
+            if len(arrays) != 1:
+                raise ValueError(f"{path}: no dataset {name!r} and {len(arrays)} 2-d datasets")
+            return np.asarray(h[arrays[0]][()], dtype=np.float64)
+    except OSError as exc:
+        raise ValueError(f"{path} is not a readable HDF5 file: {exc}") from exc
+
+
+def read_lenstronomy_hdf5(image_path, psf_path=None) -> Observation:
+    """Read an image saved as lenstronomy ``kwargs_data`` in HDF5 (e.g. the dolphin pipeline).
+
+    Expected datasets: ``image_data`` (counts/s), ``background_rms`` (scalar, counts/s),
+    ``exposure_time`` (seconds, scalar or map) and ``transform_pix2angle`` (arcsec per pixel; its
+    determinant gives the pixel scale).  The noise map follows lenstronomy,
+    ``sqrt(background_rms^2 + max(I, 0)/t_exp)`` (:func:`difflens.instrument.
+    noise_map_from_exposure`).  ``psf_path``: an HDF5/FITS PSF (:func:`load_psf`).
+
+    Note that difflens works in the pixel frame (x along columns, y along rows); lenstronomy's RA
+    axis usually runs the other way (a negative ``transform_pix2angle[0, 0]``), which mirrors
+    position angles.
+    """
+    import h5py
+
+    from ..instrument import noise_map_from_exposure
+
+    path = Path(image_path)
+    if not path.exists():
+        raise FileNotFoundError(f"observation file not found: {path}")
+    try:
+        with h5py.File(path, "r") as h:
+            missing = [k for k in ("image_data", "background_rms", "exposure_time",
+                                   "transform_pix2angle") if k not in h]
+            if missing:
+                raise ValueError(f"{path} lacks the lenstronomy datasets {missing}")
+            image = np.asarray(h["image_data"][()], dtype=np.float64)
+            rms = float(h["background_rms"][()])
+            exposure = np.asarray(h["exposure_time"][()], dtype=np.float64)
+            transform = np.asarray(h["transform_pix2angle"][()], dtype=np.float64)
+    except OSError as exc:
+        raise ValueError(f"{path} is not a readable HDF5 file: {exc}") from exc
+    noise = noise_map_from_exposure(image, rms, exposure).numpy()
+    pixel_scale = float(math.sqrt(abs(np.linalg.det(transform))))
+    return Observation(image=image, noise_sigma=noise, pixel_scale=pixel_scale,
+                       psf=load_psf(psf_path) if psf_path is not None else None)
 
 
 def _load_array(value, what):
@@ -182,6 +317,7 @@ def _load_array(value, what):
             raise FileNotFoundError(f"{what} file not found: {p}")
         with fits.open(p) as h:
             data = next((x.data for x in h if getattr(x, "data", None) is not None), None)
+            data = None if data is None else np.asarray(data)
         if data is None:
             raise ValueError(f"{what} file {p} holds no data")
         return np.asarray(data, dtype=np.float64)

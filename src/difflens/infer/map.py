@@ -3,7 +3,8 @@
 The posterior is maximised over all sampled sites in Pyro's unconstrained space (an ``AutoDelta``
 guide with ``Trace_ELBO`` is exactly MAP).  Schedule: ``restarts`` short runs of
 ``restart_steps``, each from the lens centre and Einstein radius read off the image
-(:func:`initial_guess`, jittered) with the other parameters drawn from the prior and the source
+(:func:`difflens.infer.initialise.initialise`, after a lens-light-only fit when there is lens
+light; jittered) with the other parameters drawn from the prior and the source
 latent at its prior mean (with a flexible source, blind prior draws rarely find the right basin), the
 best of which is continued for up to ``steps`` Adam steps with a learning rate decaying
 geometrically from ``lr`` to ``lr * lr_final_fraction``; it stops early once the loss improves by
@@ -23,9 +24,9 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta
 from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 
-from ..instrument import pixel_grid
 from ..model import LensModel
 from ..simulate import LENS_PARAMS
+from .initialise import initialise
 
 
 @dataclass
@@ -133,43 +134,70 @@ def _run(model, init_loc_fn, steps, lr, lr_final_fraction, tol, window, progress
     return values, np.asarray(losses)
 
 
-def initial_guess(model: LensModel, threshold=3.0) -> dict:
-    """Lens centre and Einstein radius read off the image: the light-weighted centroid of pixels
-    brighter than ``threshold`` sigma estimates (x0, y0), their light-weighted mean distance from
-    it estimates r_ein (exact for a ring around a round lens).  Returns site values (arcsec)."""
-    data = model.data
-    w = torch.where(data > threshold * model.noise_sigma, data, torch.zeros_like(data))
-    if model.mask is not None:
-        w = torch.where(model.mask, w, torch.zeros_like(w))
-    if float(w.sum()) <= 0:
-        return {}
-    sim = model.simulator
-    x, y = pixel_grid(sim.npix, sim.pixel_scale, dtype=data.dtype, device=data.device)
-    total = w.sum()
-    cx, cy = (w * x).sum() / total, (w * y).sum() / total
-    radius = (w * torch.sqrt((x - cx) ** 2 + (y - cy) ** 2)).sum() / total
-    return dict(x0=cx, y0=cy, r_ein=radius)
-
-
-def _restart_values(model: LensModel, guess: dict, generator: torch.Generator) -> dict:
+def _restart_values(model: LensModel, guess: dict, generator: torch.Generator,
+                    jitter=True) -> dict:
     """A restart point: lens centre (0.15") and r_ein (~25%) jittered around the data guess,
-    the source centre at the lens centre; all other sites start from prior draws."""
+    the source centre at the lens centre, lens-light values as guessed; all other sites start
+    from prior draws.  Without ``jitter``: the guess itself with a nearly round lens, slope 2,
+    no shear and the source behind the lens centre -- the configuration of an Einstein ring,
+    which the arcs of most lenses are pieces of."""
     if not guess:
         return {}
     dtype = model.simulator.x.dtype
-    n = lambda: float(torch.randn((), generator=generator, dtype=dtype))  # noqa: E731
-    out = dict(x0=guess["x0"] + 0.15 * n(), y0=guess["y0"] + 0.15 * n(),
+    n = (lambda: float(torch.randn((), generator=generator, dtype=dtype))) if jitter else \
+        (lambda: 0.0)  # noqa: E731
+    out = {k: v for k, v in guess.items() if k.startswith("light")}
+    out.update(x0=guess["x0"] + 0.15 * n(), y0=guess["y0"] + 0.15 * n(),
                r_ein=guess["r_ein"] * math.exp(0.25 * n()))
-    support = model.priors.lens["r_ein"].support
+    if "src_amp" in guess:
+        out["src_amp"] = guess["src_amp"] * math.exp(0.5 * n())
+    if not jitter:
+        # e = 0 exactly is a cusp of q(e1, e2) with zero gradient: start just off it
+        out.update(e1=0.03, e2=0.01, gamma=2.0, g1=0.001, g2=0.001)
+        if model.source_kind == "sersic":
+            out.update(src_r_e=0.2, src_n=1.0, src_e1=0.03, src_e2=0.01)
+    priors = model.all_priors()
+    support = priors["r_ein"].support if hasattr(priors["r_ein"], "support") else None
     lo = float(getattr(support, "lower_bound", 0.0))
     hi = float(getattr(support, "upper_bound", math.inf))
     out["r_ein"] = min(max(float(out["r_ein"]), lo + 1e-3 * (hi - lo if hi < math.inf else 1)),
                        hi - 1e-3 * (hi - lo) if hi < math.inf else math.inf)
-    if "src_x0" in model.priors.source:
+    if "src_x0" in priors:
         out.update(src_x0=guess["x0"], src_y0=guess["y0"])
     return {k: torch.as_tensor(v, dtype=dtype) for k, v in out.items()
-            if not isinstance(model.priors.lens.get(k, model.priors.source.get(k[4:], None)),
-                              (int, float))}
+            if k in priors and not isinstance(priors[k], (int, float, str))}
+
+
+def _complete(model: LensModel, values: dict) -> dict:
+    """``values`` plus prior draws for every other sampled site, with the source amplitude set to
+    its best-fitting value: the predicted image is ``L + amp S`` (L the lens light), linear in the
+    amplitude, so ``amp = sum w (d - L) S / sum w S^2`` (w = unmasked / sigma^2) is exact and
+    spares the optimiser a search over orders of magnitude in brightness."""
+    with torch.no_grad():
+        tr = pyro.poutine.trace(pyro.poutine.condition(model, data=values)).get_trace()
+        full = {name: site["value"].detach() for name, site in tr.nodes.items()
+                if site["type"] == "sample" and not site["is_observed"]}
+        full.update({k: v for k, v in values.items() if k not in full})
+        if "src_amp" not in full:
+            return full
+        one = torch.ones_like(torch.as_tensor(full["src_amp"]))
+
+        def image(amp):
+            cond = pyro.poutine.condition(model, data={**full, "src_amp": amp})
+            return pyro.poutine.trace(cond).get_trace().nodes["model_image"]["value"]
+
+        unit = image(2 * one) - image(one)
+        rest = image(one) - unit
+        w = 1.0 / model.noise_sigma ** 2
+        if model.mask is not None:
+            w = w * model.mask
+        amp = (w * (model.data - rest) * unit).sum() / (w * unit * unit).sum()
+        support = model.all_priors()["src_amp"].support
+        lo = float(getattr(support, "lower_bound", 0.0))
+        hi = float(getattr(support, "upper_bound", math.inf))
+        if torch.isfinite(amp) and lo < float(amp) < hi:
+            full["src_amp"] = amp.to(one.dtype)
+    return full
 
 
 def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, restarts=4,
@@ -190,8 +218,9 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
     polish_steps : int
         Maximum L-BFGS iterations after Adam (0 to skip).
     data_guess : bool
-        Start restarts near the lens centre and Einstein radius read off the image
-        (:func:`initial_guess`), jittered; otherwise every restart is a prior draw.
+        Start restarts near the lens centre and Einstein radius read off the image, after a
+        lens-light-only fit when the model has lens light (:func:`difflens.infer.initialise.
+        initialise`), jittered; otherwise every restart is a prior draw.
     init : dict, optional
         Site values to start from (e.g. truths, or a previous fit); used as the first restart.
     seed : int
@@ -208,23 +237,29 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
         z_init["z"] = model.z_prior.mean
     best = None
     restart_losses = []
-    guess = initial_guess(model) if data_guess else {}
+    guess = initialise(model) if data_guess else {}
     gen = torch.Generator().manual_seed(seed)
+    # with lens light, the restarts search mass and source with the light held at its initial
+    # fit: the arcs then drive the search, not the light profile
+    light = {k: v for k, v in guess.items() if k.startswith("light")}
+    searched = pyro.poutine.condition(model, data=light) if light else model
     for r in range(restarts):
         values = dict(z_init)
         if r == 0 and init is not None:
             values.update(init)
         else:
-            values.update(_restart_values(model, guess, gen))
+            values.update(_restart_values(model, guess, gen, jitter=r > 0))
+        if guess or (r == 0 and init is not None):
+            values = _complete(model, values)
         fn = init_to_value(values=values, fallback=init_to_sample)
-        vals, losses = _run(model, fn, restart_steps, lr, 0.5, 0.0, window, progress,
+        vals, losses = _run(searched, fn, restart_steps, lr, 0.5, 0.0, window, progress,
                             f"MAP restart {r + 1}/{restarts}", seed + r)
         final = float(np.mean(losses[-20:]))
         restart_losses.append(final)
         if best is None or final < best[0]:
-            best = (final, vals)
-    vals, losses = _run(model, init_to_value(values=best[1]), steps, lr, lr_final_fraction, tol,
-                        window, progress, "MAP", seed + 1000, polish_steps)
+            best = (final, {**light, **vals})
+    vals, losses = _run(model, init_to_value(values=best[1], fallback=init_to_sample), steps, lr,
+                        lr_final_fraction, tol, window, progress, "MAP", seed + 1000, polish_steps)
     return summarise_map(model, vals, losses, restart_losses)
 
 

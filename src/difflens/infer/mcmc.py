@@ -23,6 +23,8 @@ from pyro.infer.autoguide.initialization import init_to_value
 from ..model import LensModel, ellipticity_to_q_phi, unwrap_angle
 from ..simulate import LENS_PARAMS
 
+#: Parameters summarised and diagnosed: the lens, plus lenstronomy's theta_E = sqrt(q) r_ein.
+SUMMARISED = LENS_PARAMS + ("theta_E",)
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Posterior:
     idata : arviz.InferenceData
         ``posterior`` group with every sampled site plus ``q`` and ``phi``.
     rhat, ess : dict of str -> float
-        Per lens parameter.
+        Per lens parameter (and ``theta_E``).
     """
 
     idata: object
@@ -42,11 +44,11 @@ class Posterior:
     ess: dict
 
     def summary(self, hdi_prob=0.94) -> dict:
-        """Mean, sd and HDI of each lens parameter, with R-hat and ESS."""
+        """Mean, sd and HDI of each lens parameter and ``theta_E`` (arcsec), with R-hat and ESS."""
         import arviz as az
 
         out = {}
-        for k in LENS_PARAMS:
+        for k in SUMMARISED:
             x = self.idata.posterior[k].values
             lo, hi = az.hdi(x.reshape(-1), hdi_prob=hdi_prob)
             out[k] = dict(mean=float(x.mean()), sd=float(x.std()), hdi_low=float(lo),
@@ -178,16 +180,18 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     e0 = {k: torch.as_tensor(init[k] if k in init else model.fixed_values()[k]) for k in ("e1", "e2")}
     phi0 = float(ellipticity_to_q_phi(e0["e1"], e0["e2"])[1])
     posterior["q"], posterior["phi"] = q.numpy(), unwrap_angle(phi, phi0).numpy()
+    # lenstronomy's Einstein radius (the number papers quote), see difflens.lensing.conventions
+    posterior["theta_E"] = np.sqrt(posterior["q"]) * posterior["r_ein"]
     idata = az.from_dict(posterior=posterior)
     rhat, ess = {}, {}
-    for k in LENS_PARAMS:
+    for k in SUMMARISED:
         x = posterior[k]
         if np.ptp(x) == 0:                         # a fixed parameter
             rhat[k], ess[k] = float("nan"), float("nan")
             continue
         rhat[k] = float(az.rhat(x)) if chains > 1 else float("nan")
         ess[k] = float(az.ess(x))
-    bad = [k for k in LENS_PARAMS if (chains > 1 and rhat[k] > 1.01) or ess[k] < 100]
+    bad = [k for k in SUMMARISED if (chains > 1 and rhat[k] > 1.01) or ess[k] < 100]
     if bad:
         warnings.warn("poor convergence for " + ", ".join(
             f"{k} (R-hat {rhat[k]:.3f}, ESS {ess[k]:.0f})" for k in bad)
