@@ -67,6 +67,9 @@ def test_simulate_then_fit_round_trip(tmp_path, capsys):
     (["fit", "{obs}", "--noise-sigma", "-0.1"], "positive"),
     (["fit", "{obs}"], "noise"),
     (["fit", "{obs}", "--noise-sigma", "0.1", "--mask", "{small}"], "mask shape"),
+    (["fit", "{obs}", "--noise-sigma", "0.1", "--exclude", "{small}"], "exclusion mask shape"),
+    (["fit", "{obs}", "--noise-map", "{small}"], "noise map shape"),
+    (["fit", "{obs}", "--noise-sigma", "0.1", "--cutout", "40"], "cutout size"),
 ])
 def test_fit_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, args, message):
     from astropy.io import fits
@@ -81,3 +84,33 @@ def test_fit_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, arg
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_fit_with_lens_light_and_exclusion_mask(tmp_path):
+    import torch
+    from astropy.io import fits
+
+    from difflens.simulate import Simulator
+    from difflens.sources import Sersic
+
+    lens = dict(r_ein=0.9, q=0.85, phi=0.3, gamma=2.0, x0=0.0, y0=0.0, g1=0.0, g2=0.0)
+    sim = Simulator(npix=40, pixel_scale=0.08, psf_sigma=0.08, dtype=torch.float64)
+    img = sim.image(lens, Sersic(amp=0.5, r_e=0.15, n=1.0, x0=0.05),
+                    [Sersic(amp=0.3, r_e=0.5, n=2.5, q=0.8, phi=0.2)])
+    img = img + 0.01 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.float64)
+    img[3:6, 30:34] += 50.0                       # a "neighbour" that the exclusion mask removes
+    exclude = np.zeros((40, 40))
+    exclude[3:6, 30:34] = 1
+    write_observation(Observation(img.numpy(), 0.01, 0.08), tmp_path / "obs.fits")
+    fits.PrimaryHDU(exclude).writeto(tmp_path / "ex.fits")
+    out = tmp_path / "fit"
+    assert main(["fit", str(tmp_path / "obs.fits"), "--noise-sigma", "0.01", "--psf-sigma", "0.08",
+                 "--source", "sersic", "--lens-light", "sersic", "--exclude",
+                 str(tmp_path / "ex.fits"), "--steps", "300", "--restarts", "2", "--samples", "0",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_pixels"] == 40 * 40 - 12
+    assert summary["map"]["light0_r_e"] == pytest.approx(0.5, rel=0.1)
+    assert summary["map"]["r_ein"] == pytest.approx(0.9, rel=0.05)
+    assert summary["reduced_chi2"] < 1.5

@@ -82,13 +82,18 @@ def _cmd_fit(args):
     from .datasets.observation import read_observation
     from .fitting import fit_lens
 
-    if args.noise_sigma is None and args.noise_map is None:
+    if args.noise_sigma is None and args.noise_map is None and \
+            not str(args.obs).lower().endswith((".h5", ".hdf5")):
         raise ValueError("give --noise-sigma S or --noise-map F")
     if args.noise_sigma is not None and not args.noise_sigma > 0:
         raise ValueError(f"--noise-sigma must be positive, got {args.noise_sigma}")
     obs = read_observation(args.obs, noise_sigma=args.noise_sigma, noise_map=args.noise_map,
-                           psf=args.psf, mask=args.mask, pixel_scale=args.pixel_scale)
+                           psf=args.psf, mask=args.mask, exclude=args.exclude,
+                           pixel_scale=args.pixel_scale)
+    if args.cutout:
+        obs = obs.cutout(args.cutout)
     fit = fit_lens(obs, source=args.source, priors=args.priors, psf_sigma=args.psf_sigma,
+                   lens_light=len(args.lens_light or ()), supersample=args.supersample,
                    steps=args.steps, restarts=args.restarts, samples=args.samples,
                    warmup=args.warmup, chains=args.chains, seed=args.seed)
     fit.save(args.out)
@@ -147,14 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("fit", help="fit a lens observation: MAP, then optionally NUTS")
-    p.add_argument("obs", help="FITS image (primary HDU; PIXSCALE in the header)")
+    p.add_argument("obs", help="FITS image (primary HDU; PIXSCALE in the header), or a "
+                               "lenstronomy HDF5 image (.h5; noise map from its exposure map)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--noise-sigma", type=float, default=None, help="pixel noise, image units")
     p.add_argument("--noise-map", default=None, help="FITS per-pixel noise sigma")
     p.add_argument("--psf-sigma", type=float, default=0.05, help="Gaussian PSF sigma, arcsec")
-    p.add_argument("--psf", default=None, help="FITS PSF kernel (overrides --psf-sigma)")
-    p.add_argument("--mask", default=None, help="FITS mask, 1 = use pixel")
+    p.add_argument("--psf", default=None,
+                   help="PSF kernel, FITS or HDF5 (normalised; overrides --psf-sigma)")
+    p.add_argument("--mask", default=None, help="FITS mask, nonzero = use pixel")
+    p.add_argument("--exclude", default=None,
+                   help="FITS mask of pixels to leave out, nonzero = excluded (e.g. neighbours)")
+    p.add_argument("--cutout", type=int, default=None,
+                   help="fit only the central N x N pixels")
     p.add_argument("--pixel-scale", type=float, default=None, help="arcsec/pixel (else header)")
+    p.add_argument("--lens-light", action="append", choices=("sersic",), default=None,
+                   help="add a Sersic lens-light component (repeat for more)")
+    p.add_argument("--supersample", type=int, default=1, help="sub-pixels per pixel side")
     p.add_argument("--source", choices=("vae", "sersic"), default="vae")
     p.add_argument("--priors", choices=("default", "paper"), default="default")
     p.add_argument("--steps", type=int, default=2000, help="MAP Adam steps")
