@@ -317,6 +317,15 @@ class LensModel:
         q, phi = ellipticity_to_q_phi(p["e1"], p["e2"])
         return Sersic(amp=p["amp"], r_e=p["r_e"], n=p["n"], q=q, phi=phi, x0=p["x0"], y0=p["y0"])
 
+    def lens_light_image(self, values: dict):
+        """The PSF-convolved lens light alone, for site ``values`` (e.g. the MAP)."""
+        def light_only():
+            lens = {k: self._sample(k, d) for k, d in self.priors.lens.items()}
+            return self.simulator.image(None, None, self.sample_lens_light(lens))
+
+        with torch.no_grad():
+            return pyro.poutine.condition(light_only, data=values)()
+
     def predict(self):
         """Sample all parameters and return the predicted image (no likelihood)."""
         sites = {k: self._sample(k, d) for k, d in self.priors.lens.items()}

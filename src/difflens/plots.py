@@ -74,7 +74,8 @@ def plot_lens_system(sim, lens: dict, source, *, source_extent=None, image_exten
 
 def plot_fit(observation, result, *, true_source=None, title=None):
     """The paper's Fig. 6 panel: observed, model, normalised residual, true and fitted source,
-    source residual (normalised by 10% of the true source maximum, as in the paper).
+    source residual (normalised by 10% of the true source maximum, as in the paper).  With lens
+    light, the data and the model with the fitted lens light subtracted are shown too.
 
     Parameters
     ----------
@@ -96,8 +97,14 @@ def plot_fit(observation, result, *, true_source=None, title=None):
     ext = (-nx * observation.pixel_scale / 2, nx * observation.pixel_scale / 2,
            -ny * observation.pixel_scale / 2, ny * observation.pixel_scale / 2)
     light = dict(vmin=0, vmax=vmax, cmap="magma")
-    panels = [(data, "observed", light), (model, "model", light),
-              (result.normalised_residuals.cpu().numpy(),
+    panels = [(data, "observed", light), (model, "model", light)]
+    if getattr(result, "lens_light_image", None) is not None:
+        # real data: show the arcs, i.e. data and model with the fitted lens light subtracted
+        lens_light = result.lens_light_image.cpu().numpy()
+        arcs = dict(vmin=0, vmax=max(np.nanmax(model - lens_light), 1e-30), cmap="magma")
+        panels += [(data - lens_light, "data - lens light", arcs),
+                   (model - lens_light, "lensed source model", arcs)]
+    panels += [(result.normalised_residuals.cpu().numpy(),
                rf"(data - model) / $\sigma$, $\chi^2_\nu$ = {result.reduced_chi2:.3f}",
                dict(vmin=-4, vmax=4, cmap="coolwarm"))]
     fitted = result.source_image.cpu().numpy() if result.source_image is not None else None

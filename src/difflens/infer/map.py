@@ -45,6 +45,8 @@ class MAPResult:
         ``(data - model) / sigma`` (0 where masked).
     source_image : Tensor (64, 64) or None
         The decoded VAE stamp ``amp * d(z)`` at the MAP (VAE sources).
+    lens_light_image : Tensor (ny, nx) or None
+        The PSF-convolved lens light at the MAP (models with lens light).
     reduced_chi2 : float
         ``chi^2 / (N_pix - N_params)`` over unmasked pixels.
     log_posterior : float
@@ -61,6 +63,7 @@ class MAPResult:
     log_posterior: float
     restart_losses: list = field(default_factory=list)
     fixed: tuple = ()
+    lens_light_image: torch.Tensor | None = None
 
     def lens(self) -> dict:
         """The eight lens parameters as floats (method.md conventions)."""
@@ -157,15 +160,23 @@ def _restart_values(model: LensModel, guess: dict, generator: torch.Generator,
         if model.source_kind == "sersic":
             out.update(src_r_e=0.2, src_n=1.0, src_e1=0.03, src_e2=0.01)
     priors = model.all_priors()
-    support = priors["r_ein"].support if hasattr(priors["r_ein"], "support") else None
-    lo = float(getattr(support, "lower_bound", 0.0))
-    hi = float(getattr(support, "upper_bound", math.inf))
-    out["r_ein"] = min(max(float(out["r_ein"]), lo + 1e-3 * (hi - lo if hi < math.inf else 1)),
-                       hi - 1e-3 * (hi - lo) if hi < math.inf else math.inf)
     if "src_x0" in priors:
         out.update(src_x0=guess["x0"], src_y0=guess["y0"])
-    return {k: torch.as_tensor(v, dtype=dtype) for k, v in out.items()
+    return {k: _inside(priors[k], torch.as_tensor(v, dtype=dtype)) for k, v in out.items()
             if k in priors and not isinstance(priors[k], (int, float, str))}
+
+
+def _inside(prior, value, margin=1e-3):
+    """``value`` moved into the interior of ``prior``'s support (a start on its boundary has
+    log density -inf): clipped to [low + margin w, high - margin w], w the interval width (or 1)."""
+    support = getattr(prior, "support", None)
+    lo = float(getattr(support, "lower_bound", -math.inf))
+    hi = float(getattr(support, "upper_bound", math.inf))
+    width = hi - lo if math.isfinite(hi - lo) else 1.0
+    if not (math.isfinite(lo) or math.isfinite(hi)):
+        return value
+    return value.clamp(lo + margin * width if math.isfinite(lo) else None,
+                       hi - margin * width if math.isfinite(hi) else None)
 
 
 def _complete(model: LensModel, values: dict) -> dict:
@@ -284,8 +295,9 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
     if model.source_kind == "vae":
         with torch.no_grad():
             source_image = params["src_amp"] * model.vae.decode(params["z"])
+    lens_light_image = model.lens_light_image(values) if model.priors.lens_light else None
     return MAPResult(params=params, loss_history=np.asarray(losses), model_image=image,
                      normalised_residuals=resid, source_image=source_image,
                      reduced_chi2=chi2 / max(model.n_pixels - n_params, 1),
                      log_posterior=log_post, restart_losses=list(restart_losses),
-                     fixed=tuple(model.fixed_values()))
+                     fixed=tuple(model.fixed_values()), lens_light_image=lens_light_image)
