@@ -252,7 +252,9 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
     gen = torch.Generator().manual_seed(seed)
     # with lens light, the restarts search mass and source with the light held at its initial
     # fit: the arcs then drive the search, not the light profile
-    light = {k: v for k, v in guess.items() if k.startswith("light")}
+    priors = model.all_priors()
+    light = {k: _inside(priors[k], torch.as_tensor(v)) for k, v in guess.items()
+             if k.startswith("light")}
     searched = pyro.poutine.condition(model, data=light) if light else model
     for r in range(restarts):
         values = dict(z_init)
