@@ -216,8 +216,8 @@ def noise_map_from_exposure(image, background_rms, exposure_time):
 
     Examples
     --------
-    >>> float(noise_map_from_exposure(torch.tensor([[4.0]]), 3.0, 1.0)[0, 0])
-    3.605551275463989
+    >>> round(float(noise_map_from_exposure(torch.tensor([[4.0]]), 3.0, 1.0)[0, 0]), 4)
+    3.6056
     """
     img = torch.as_tensor(image)
     if not img.is_floating_point():
