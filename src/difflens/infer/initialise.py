@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from ..instrument import pixel_grid
-from ..model import LensModel, q_phi_to_ellipticity
+from ..instrument import convolve, pixel_grid
+from ..model import LensModel, ellipticity_to_q_phi, q_phi_to_ellipticity
 from ..sources import Sersic
 
 
@@ -56,8 +56,6 @@ def initial_guess(model: LensModel, threshold=3.0, data=None) -> dict:
 def _peak_position(model: LensModel):
     """Brightest pixel of the PSF-smoothed image among unmasked pixels within the central half of
     the field (lenses sit near the centre of a cutout; bright neighbours further out are ignored)."""
-    from ..instrument import convolve
-
     sim, data = model.simulator, model.data
     x, y = _grid(model)
     smooth = convolve(torch.where(_used(model), data, torch.zeros_like(data)), sim.psf)
@@ -88,8 +86,6 @@ def fit_lens_light(model: LensModel, steps=300, lbfgs_steps=100, lr=0.05, clip=3
     image : Tensor (ny, nx)
         The PSF-convolved lens-light model.
     """
-    from ..model import ellipticity_to_q_phi
-
     n_comp = len(model.priors.lens_light)
     if n_comp == 0:
         raise ValueError("the model has no lens-light components")

@@ -166,12 +166,17 @@ def _restart_values(model: LensModel, guess: dict, generator: torch.Generator,
             if k in priors and not isinstance(priors[k], (int, float, str))}
 
 
+def _support_bounds(prior):
+    """(lower, upper) bound of a prior's support, -inf / inf where it has none."""
+    support = getattr(prior, "support", None)
+    return (float(getattr(support, "lower_bound", -math.inf)),
+            float(getattr(support, "upper_bound", math.inf)))
+
+
 def _inside(prior, value, margin=1e-3):
     """``value`` moved into the interior of ``prior``'s support (a start on its boundary has
     log density -inf): clipped to [low + margin w, high - margin w], w the interval width (or 1)."""
-    support = getattr(prior, "support", None)
-    lo = float(getattr(support, "lower_bound", -math.inf))
-    hi = float(getattr(support, "upper_bound", math.inf))
+    lo, hi = _support_bounds(prior)
     width = hi - lo if math.isfinite(hi - lo) else 1.0
     if not (math.isfinite(lo) or math.isfinite(hi)):
         return value
@@ -203,10 +208,8 @@ def _complete(model: LensModel, values: dict) -> dict:
         if model.mask is not None:
             w = w * model.mask
         amp = (w * (model.data - rest) * unit).sum() / (w * unit * unit).sum()
-        support = model.all_priors()["src_amp"].support
-        lo = float(getattr(support, "lower_bound", 0.0))
-        hi = float(getattr(support, "upper_bound", math.inf))
-        if torch.isfinite(amp) and lo < float(amp) < hi:
+        lo, hi = _support_bounds(model.all_priors()["src_amp"])
+        if torch.isfinite(amp) and max(lo, 0.0) < float(amp) < hi:
             full["src_amp"] = amp.to(one.dtype)
     return full
 
