@@ -95,7 +95,7 @@ def _cmd_fit(args):
     fit = fit_lens(obs, source=args.source, priors=args.priors, psf_sigma=args.psf_sigma,
                    lens_light=len(args.lens_light or ()), supersample=args.supersample,
                    steps=args.steps, restarts=args.restarts, samples=args.samples,
-                   warmup=args.warmup, chains=args.chains, seed=args.seed)
+                   warmup=args.warmup, chains=args.chains, sampler=args.sampler, seed=args.seed)
     fit.save(args.out)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
@@ -173,9 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priors", choices=("default", "paper"), default="default")
     p.add_argument("--steps", type=int, default=2000, help="MAP Adam steps")
     p.add_argument("--restarts", type=int, default=4, help="MAP restarts from prior draws")
-    p.add_argument("--samples", type=int, default=500, help="NUTS samples per chain (0: MAP only)")
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--chains", type=int, default=2)
+    p.add_argument("--samples", type=int, default=500,
+                   help="posterior draws per chain (0: MAP only)")
+    p.add_argument("--warmup", type=int, default=300, help="adaptation iterations per chain")
+    p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--sampler", choices=("hmc", "nuts"), default="hmc",
+                   help="hmc: all chains in one batched likelihood; nuts: Pyro NUTS, chain by chain")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_fit)
 

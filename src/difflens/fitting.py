@@ -170,9 +170,10 @@ class LensFit:
 
 def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
              flux_scale="auto", supersample=1, steps=2000, restarts=4, samples=0, warmup=200,
-             chains=2, max_tree_depth=7, seed=0, dtype=torch.float64, progress=True,
+             chains=4, sampler="hmc", max_tree_depth=7, seed=0, dtype=torch.float64,
+             progress=True,
              init=None) -> LensFit:
-    """MAP fit and, if ``samples > 0``, a NUTS posterior started at the MAP.
+    """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
     Parameters
     ----------
@@ -183,7 +184,10 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         Gaussian PSF sigma in arcsec if ``obs`` has no kernel.
     lens_light, flux_scale, supersample : see :func:`build_model`
     steps, restarts : MAP settings (see :func:`difflens.infer.fit_map`)
-    samples, warmup, chains, max_tree_depth : NUTS settings per chain
+    samples, warmup, chains : sampler settings (draws and warm-up per chain)
+    sampler : "hmc" (all chains in one batched likelihood) or "nuts" (Pyro, chain after chain);
+        see :func:`difflens.infer.sample_posterior`
+    max_tree_depth : NUTS only
     seed : int
         Makes the whole fit reproducible.
     """
@@ -195,6 +199,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     post = None
     if samples > 0:
         post = sample_posterior(model, result.sample_sites(), num_samples=samples, warmup=warmup,
-                                chains=chains, seed=seed, max_tree_depth=max_tree_depth,
+                                chains=chains, seed=seed, method=sampler,
+                                max_tree_depth=max_tree_depth,
                                 progress=progress)
     return LensFit(obs, model, result, post)

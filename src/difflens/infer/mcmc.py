@@ -1,12 +1,12 @@
-"""Posterior sampling with NUTS (Pyro's ``pyro.infer.mcmc``), started at the MAP (paper Sec. 5.3).
+"""Posterior sampling started at the MAP (paper Sec. 5.3): vectorised HMC or Pyro's NUTS.
 
-NUTS runs in coordinates whitened by the Laplace approximation at the MAP (``theta = theta_MAP +
+Both run in coordinates whitened by the Laplace approximation at the MAP (``theta = theta_MAP +
 L u`` in Pyro's unconstrained space, ``L L^T`` the inverse Hessian there), where the posterior is
-close to N(0, I): step sizes are O(1) and trees shallow.  Chains run one after another, each
-started from an overdispersed point around the MAP, with their own step-size and mass-matrix
-adaptation during ``warmup``.  Samples
-are returned as ArviZ ``InferenceData`` (chains x draws), with the derived lens ``q`` and ``phi``
-added, and R-hat / bulk ESS computed for every lens parameter.  A warning is issued when
+close to N(0, I): step sizes are O(1) and trajectories short.  Chains start slightly overdispersed
+around the MAP.  The default sampler (:func:`difflens.infer.hmc.hmc`) moves all chains at once
+through one batched likelihood; ``method="nuts"`` runs Pyro's NUTS chain after chain.  Samples are
+returned as ArviZ ``InferenceData`` (chains x draws), with the derived lens ``q``, ``phi`` and
+``theta_E`` added, and R-hat / bulk ESS computed for every lens parameter.  A warning is issued when
 R-hat > 1.01 or ESS < 100 (Vehtari et al. 2021).
 """
 from __future__ import annotations
@@ -61,27 +61,32 @@ class Posterior:
         return tuple(np.quantile(x, [(1 - prob) / 2, (1 + prob) / 2]))
 
 
-def laplace_whitening(potential, flat0, rel_step=1e-5, min_curvature=1e-2):
-    """Cholesky-like factor L of the inverse Hessian of ``potential`` at ``flat0``.
+def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16):
+    """Cholesky-like factor L of the inverse Hessian of the potential at ``flat0``.
 
-    The Hessian comes from central differences of autograd gradients (2 D evaluations; no second
-    derivatives needed), is symmetrised, and its eigenvalues are replaced by their absolute values
-    (a MAP slightly off the optimum can leave small negative ones) floored at ``min_curvature``
-    (scale <= 10 in unconstrained units).  Returns ``L`` with ``L L^T = |H|^{-1}``.
+    The Hessian comes from central differences of autograd gradients (2 D evaluations, ``chunk``
+    of them per batched call; no second derivatives needed), is symmetrised, and its eigenvalues
+    are replaced by their absolute values (a MAP slightly off the optimum can leave small negative
+    ones) floored at ``min_curvature`` (scale <= 10 in unconstrained units).
+
+    Parameters
+    ----------
+    grad_fn : callable
+        ``(N, D) -> (N, D)`` gradients of the potential at N points.
+    flat0 : Tensor (D,)
+        The MAP in Pyro's unconstrained space.
+
+    Returns
+    -------
+    Tensor (D, D)
+        ``L`` with ``L L^T = |H|^{-1}``.
     """
     d = flat0.numel()
-
-    def grad(v):
-        v = v.detach().requires_grad_(True)
-        return torch.autograd.grad(potential(v), v)[0]
-
     h = rel_step * flat0.abs().clamp_min(1.0)
-    cols = []
-    for i in range(d):
-        e = torch.zeros_like(flat0)
-        e[i] = h[i]
-        cols.append((grad(flat0 + e) - grad(flat0 - e)) / (2 * h[i]))
-    hess = torch.stack(cols, 1)
+    steps = torch.diag(h)
+    points = torch.cat([flat0 + steps, flat0 - steps])            # (2D, D)
+    grads = torch.cat([grad_fn(p) for p in torch.split(points, chunk)])
+    hess = ((grads[:d] - grads[d:]) / (2 * h[:, None])).T
     hess = 0.5 * (hess + hess.T)
     evals, evecs = torch.linalg.eigh(hess)
     # negative curvature (a MAP slightly off the optimum) still measures the scale: use |lambda|
@@ -90,10 +95,11 @@ def laplace_whitening(potential, flat0, rel_step=1e-5, min_curvature=1e-2):
     return evecs / evals.sqrt()
 
 
-def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=300, chains=2,
-                     seed=0, target_accept=0.8, max_tree_depth=8, whiten=True, full_mass=False,
-                     adapt_mass_matrix=None, start_spread=0.5, progress=True) -> Posterior:
-    """Run NUTS from ``init`` (normally ``MAPResult.sample_sites()``).
+def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=300, chains=4,
+                     method="hmc", seed=0, target_accept=0.8, path_length=1.5, max_tree_depth=8,
+                     whiten=True, full_mass=False, adapt_mass_matrix=None, start_spread=0.3,
+                     progress=True) -> Posterior:
+    """Sample the posterior of ``model`` from ``init`` (normally ``MAPResult.sample_sites()``).
 
     Parameters
     ----------
@@ -104,74 +110,106 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         Draws kept and adaptation steps, per chain (the paper: 500 and 50).
     chains : int
         Number of chains (>= 2 for R-hat).
+    method : "hmc" or "nuts"
+        ``"hmc"`` (default): all chains at once through one batched likelihood
+        (:func:`difflens.infer.hmc.hmc`: jittered trajectory length ``path_length``, step size and
+        diagonal mass adapted in warm-up).  ``"nuts"``: Pyro's NUTS, chains one after another.
     seed : int
         Chain c uses seed + c.
+    target_accept : float
+        Acceptance probability the step-size adaptation aims for.
+    path_length : float
+        HMC trajectory length in whitened units (jittered x U(0.5, 1)).
+    max_tree_depth : int
+        NUTS only.
     whiten : bool
         Sample ``u`` with ``theta = theta_MAP + L u``, ``L L^T`` the inverse Hessian at the MAP in
         Pyro's unconstrained space (Laplace preconditioning).  Lens posteriors are narrow (widths
         1e-4 in some unconstrained coordinates) and strongly correlated; unwhitened, Pyro's
         regularised mass-matrix adaptation cannot reach their scale and NUTS random-walks.
-    full_mass : bool
-        Adapt a dense (rather than diagonal) mass matrix, if mass adaptation is on.
-    adapt_mass_matrix : bool, optional
-        Default: only without whitening.  Whitened coordinates already have unit scale, and each
-        of Pyro's adaptation windows restarts the step-size search (measured: warmup slowed from
-        ~1 to ~5 s per iteration on a 256^2 VAE-source fit).
+    full_mass, adapt_mass_matrix : bool
+        NUTS only: dense mass matrix; mass adaptation (default: only without whitening, because
+        each of Pyro's adaptation windows restarts the step-size search).
     start_spread : float
-        Chains start at u ~ N(0, start_spread^2): overdispersed around the MAP so R-hat means
-        something.
+        Chains start at u ~ N(0, start_spread^2) around the MAP (whitened units): overdispersed
+        so that R-hat means something, close enough not to land in another mode of the latent
+        space.
 
     Returns
     -------
     Posterior
     """
-    import arviz as az
     from pyro.infer.mcmc.util import initialize_model
+
+    from .hmc import batched_potential, hmc
 
     if chains < 1 or num_samples < 1:
         raise ValueError("chains and num_samples must be >= 1")
+    if method not in ("hmc", "nuts"):
+        raise ValueError(f"method must be 'hmc' or 'nuts', got {method!r}")
     init_params, potential_fn, transforms, _ = initialize_model(
         model, init_strategy=init_to_value(values=init))
     names = list(init_params)
     shapes = [init_params[n].shape for n in names]
     sizes = [int(init_params[n].numel()) for n in names]
     flat0 = torch.cat([init_params[n].detach().reshape(-1) for n in names])
+    batched = batched_potential(model, transforms, names, sizes, shapes)
 
-    def unflatten(v):
-        return {n: t[0] for n, t in unflatten_batch(v[None], names, sizes, shapes).items()}
+    def grad_fn(v):
+        v = v.detach().requires_grad_(True)
+        return torch.autograd.grad(batched(v).sum(), v)[0]
 
-    def potential(v):
-        return potential_fn(unflatten(v))
+    d = flat0.numel()
+    factor = laplace_whitening(grad_fn, flat0) if whiten else torch.eye(d, dtype=flat0.dtype,
+                                                                      device=flat0.device)
+    gen = torch.Generator(device=flat0.device).manual_seed(seed)
+    u0 = start_spread * torch.randn((chains, d), generator=gen, dtype=flat0.dtype,
+                                    device=flat0.device)
+    u0[0] = 0.0                                                       # one chain at the MAP
+    if method == "hmc":
+        u, stats = hmc(lambda v: batched(flat0 + v @ factor.T), u0, num_samples=num_samples,
+                       warmup=warmup, target_accept=target_accept, path_length=path_length,
+                       seed=seed, progress=progress)
+    else:
+        u = torch.stack([_nuts_chain(lambda v: batched((flat0 + factor @ v)[None])[0], u0[c],
+                                     num_samples, warmup, seed + c, target_accept,
+                                     max_tree_depth, full_mass,
+                                     (not whiten) if adapt_mass_matrix is None
+                                     else adapt_mass_matrix, progress)
+                         for c in range(chains)])
+    unc = flat0 + u.reshape(-1, d) @ factor.T
+    sites = unflatten_batch(unc, names, sizes, shapes)
+    # initialize_model's transforms map constrained -> unconstrained: invert them
+    posterior = {n: (transforms[n].inv(v) if n in transforms else v).detach().cpu().numpy()
+                 .reshape(chains, num_samples, *v.shape[1:]) for n, v in sites.items()}
+    return _posterior_from_draws(model, init, posterior, chains)
 
-    factor = laplace_whitening(potential, flat0) if whiten else torch.eye(flat0.numel(),
-                                                                         dtype=flat0.dtype)
 
-    def whitened_potential(p):
+def _nuts_chain(potential, u0, num_samples, warmup, seed, target_accept, max_tree_depth,
+                full_mass, adapt_mass_matrix, progress):
+    """One Pyro NUTS chain on a flat potential; returns draws (num_samples, D)."""
+    def site_potential(p):
         try:
-            return potential(flat0 + factor @ p["u"])
+            return potential(p["u"])
         except ValueError:
             # parameters the physics refuses (e.g. a width underflowing to 0 far out in a
             # trajectory): a NaN potential, which NUTS treats as a divergence
             return (p["u"] * 0.0).sum() + float("nan")
 
-    per_chain = []
-    for c in range(chains):
-        pyro.set_rng_seed(seed + c)
-        u0 = start_spread * torch.randn_like(flat0) if c else torch.zeros_like(flat0)
-        kernel = NUTS(potential_fn=whitened_potential, target_accept_prob=target_accept,
-                      max_tree_depth=max_tree_depth, full_mass=full_mass,
-                      adapt_mass_matrix=(not whiten) if adapt_mass_matrix is None
-                      else adapt_mass_matrix)
-        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, num_chains=1,
-                    initial_params={"u": u0}, disable_progbar=not progress)
-        mcmc.run()
-        u = mcmc.get_samples()["u"]
-        unc = flat0 + u @ factor.T
-        sites = unflatten_batch(unc, names, sizes, shapes)
-        # initialize_model's transforms map constrained -> unconstrained: invert them
-        per_chain.append({n: transforms[n].inv(v).detach().cpu().numpy() if n in transforms else
-                          v.detach().cpu().numpy() for n, v in sites.items()})
-    posterior = {k: np.stack([pc[k] for pc in per_chain]) for k in per_chain[0]}
+    pyro.set_rng_seed(seed)
+    kernel = NUTS(potential_fn=site_potential, target_accept_prob=target_accept,
+                  max_tree_depth=max_tree_depth, full_mass=full_mass,
+                  adapt_mass_matrix=adapt_mass_matrix)
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, num_chains=1,
+                initial_params={"u": u0}, disable_progbar=not progress)
+    mcmc.run()
+    return mcmc.get_samples()["u"]
+
+
+def _posterior_from_draws(model, init, posterior, chains) -> Posterior:
+    """Add fixed and derived parameters (q, phi, theta_E), compute R-hat / ESS, warn if poor."""
+    import arviz as az
+
     shape = posterior[next(iter(posterior))].shape[:2]
     for k, v in model.fixed_values().items():
         posterior[k] = np.full(shape, v)
@@ -195,7 +233,7 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     if bad:
         warnings.warn("poor convergence for " + ", ".join(
             f"{k} (R-hat {rhat[k]:.3f}, ESS {ess[k]:.0f})" for k in bad)
-            + "; run longer chains or more warmup", RuntimeWarning, stacklevel=2)
+            + "; run longer chains or more warmup", RuntimeWarning, stacklevel=3)
     return Posterior(idata=idata, rhat=rhat, ess=ess)
 
 
