@@ -1,7 +1,7 @@
 """Shared handling of physical parameters: conversion, validation and batch broadcasting.
 
 Every physics function in difflens accepts its parameters as Python floats, 0-d tensors, or tensors
-of shape (B,), and positions ``x, y`` of any common shape S.  The result has shape S, or (B, *S)
+of shape (B,), and positions ``x, y`` of any common shape S.  The result has shape S, or ``(B, *S)``
 when any parameter carries a batch dimension.  This module is the one place where that contract is
 implemented, so that every function reports bad input the same way.
 """
@@ -103,5 +103,5 @@ def broadcast_params(params: Mapping[str, torch.Tensor], spatial_ndim: int):
 
 
 def as_column(t: torch.Tensor, spatial_ndim: int) -> torch.Tensor:
-    """Reshape a () or (B,) parameter to (B or 1, 1, ..., 1) against (B, *S) coordinates."""
+    """Reshape a () or (B,) parameter to (B or 1, 1, ..., 1) against ``(B, *S)`` coordinates."""
     return t.reshape(-1, *([1] * spatial_ndim))

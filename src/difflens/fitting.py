@@ -36,7 +36,16 @@ def _source_model(source):
 
 def data_flux_scale(obs: Observation) -> float:
     """A typical bright-pixel value of the data (image units): the 99.5th percentile of the
-    unmasked pixels, used to centre amplitude priors (see :class:`difflens.model.Priors`)."""
+    unmasked pixels, used to centre amplitude priors (see :class:`difflens.model.Priors`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from difflens.datasets.observation import Observation
+    >>> img = np.zeros((100, 100)); img[0, :] = 5.0          # 1% of the pixels at 5
+    >>> data_flux_scale(Observation(img, 0.1, 0.04))
+    5.0
+    """
     pixels = obs.image[obs.mask] if obs.mask is not None else obs.image.reshape(-1)
     pixels = pixels[np.isfinite(pixels)]
     value = float(np.percentile(pixels, 99.5)) if pixels.size else 0.0
@@ -61,6 +70,13 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         Centre of the amplitude priors, image units; "auto" takes :func:`data_flux_scale`.
     supersample : int
         Sub-pixels per pixel side for ray tracing (>= 1).
+
+    Examples
+    --------
+    >>> from difflens.datasets.mocks import simulate_mock
+    >>> obs = simulate_mock(3, noise_sigma=0.05, npix=48, pixel_scale=0.16, source="sersic")
+    >>> build_model(obs, source="sersic", lens_light=1).lens_sites[0]
+    'r_ein'
     """
     src = _source_model(source)
     kind = "sersic" if isinstance(src, str) else "vae"
@@ -190,6 +206,13 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     max_tree_depth : NUTS only
     seed : int
         Makes the whole fit reproducible.
+
+    Examples
+    --------
+    >>> from difflens.datasets.mocks import simulate_mock
+    >>> obs = simulate_mock(3, noise_sigma=0.05, npix=96, pixel_scale=0.08, source="sersic")
+    >>> fit = fit_lens(obs, source="sersic", steps=800, restarts=2, samples=200)  # doctest: +SKIP
+    >>> print(fit.table()); fit.save("fit_output")                                # doctest: +SKIP
     """
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,

@@ -38,7 +38,16 @@ Q_MIN = 0.1
 
 
 class TruncatedNormal(TorchDistribution):
-    """Normal(loc, scale) restricted to [low, high] (renormalised)."""
+    """Normal(loc, scale) restricted to [low, high] (renormalised).
+
+    Examples
+    --------
+    >>> import torch
+    >>> d = TruncatedNormal(2.0, 0.25, 1.2, 2.8)
+    >>> x = d.sample((1000,))
+    >>> bool((x >= 1.2).all() and (x <= 2.8).all())
+    True
+    """
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
     has_rsample = True
@@ -72,7 +81,14 @@ def ellipticity_to_q_phi(e1, e2, q_min=Q_MIN):
     """Map unconstrained components (e1, e2) to (q, phi), bounding q >= q_min smoothly.
 
     ``epsilon = eps_max tanh(|e| / eps_max)``, ``q = (1 - epsilon)/(1 + epsilon)``,
-    ``phi = atan2(e2, e1)/2`` (radians); for |e| << eps_max this is lenstronomy's e1, e2.
+    ``phi = atan2(e2, e1)/2`` (radians); for ``|e| << eps_max`` this is lenstronomy's e1, e2.
+
+    Examples
+    --------
+    >>> import torch
+    >>> q, phi = ellipticity_to_q_phi(torch.tensor(0.0), torch.tensor(0.0))
+    >>> float(q)                                               # e = 0: a round lens
+    1.0
     """
     eps_max = (1.0 - q_min) / (1.0 + q_min)
     e = torch.sqrt(e1 * e1 + e2 * e2 + 1e-30)
@@ -83,13 +99,26 @@ def ellipticity_to_q_phi(e1, e2, q_min=Q_MIN):
 def unwrap_angle(phi, reference, period=math.pi):
     """Shift position angles by multiples of ``period`` into (reference - period/2,
     reference + period/2]: posterior draws of phi near +-pi/2 must not be split across the
-    branch cut of ``atan2`` when summarised (radians)."""
+    branch cut of ``atan2`` when summarised (radians).
+
+    Examples
+    --------
+    >>> [round(float(v), 2) for v in unwrap_angle([1.55, -1.56], 1.56)]   # same ellipse, one branch
+    [1.55, 1.58]
+    """
     phi = torch.as_tensor(phi)
     return reference + torch.remainder(phi - reference + period / 2, period) - period / 2
 
 
 def q_phi_to_ellipticity(q, phi, q_min=Q_MIN):
-    """Inverse of :func:`ellipticity_to_q_phi` (for initialisation and truths)."""
+    """Inverse of :func:`ellipticity_to_q_phi` (for initialisation and truths).
+
+    Examples
+    --------
+    >>> q, phi = ellipticity_to_q_phi(*q_phi_to_ellipticity(0.6, 0.4))
+    >>> round(float(q), 6), round(float(phi), 6)
+    (0.6, 0.4)
+    """
     eps_max = (1.0 - q_min) / (1.0 + q_min)
     q = q if torch.is_tensor(q) else torch.as_tensor(q, dtype=torch.float64)
     phi = phi if torch.is_tensor(phi) else torch.as_tensor(phi, dtype=q.dtype)
@@ -123,6 +152,13 @@ class Priors:
     A plain number instead of a distribution holds that parameter fixed.
     ``source`` keys for the VAE source: ``x0, y0, s, amp``; for a Sersic source:
     ``amp, r_e, n, e1, e2, x0, y0``.  The VAE latent prior comes with the VAE.
+
+    Examples
+    --------
+    >>> p = Priors.default("sersic", lens_light=1)
+    >>> sorted(p.lens), len(p.lens_light)
+    (['e1', 'e2', 'g1', 'g2', 'gamma', 'r_ein', 'x0', 'y0'], 1)
+    >>> p.lens["gamma"] = 2.0                               # a number holds gamma fixed
     """
 
     lens: dict = field(default_factory=dict)
@@ -157,7 +193,7 @@ class Priors:
     def paper(cls, source="vae", lens_light=0, flux_scale=1.0, centre=(0.0, 0.0)):
         """Chianese et al. (2019) eqs. 14-16, 18-23, made safe: r_ein, gamma, s, amp truncated to
         physical ranges; q and phi replaced by components e1, e2 whose spread matches the paper's
-        q ~ N(0.5, 0.5); shear N(0, 1) truncated to |g| < 0.5 per component."""
+        q ~ N(0.5, 0.5); shear N(0, 1) truncated to ``|g| < 0.5`` per component."""
         _check_scale(flux_scale)
         cx, cy = centre
         lens = dict(r_ein=TruncatedNormal(1.5, 0.5, 0.1, 4.0), e1=_normal(0.0, 0.4),
@@ -205,6 +241,12 @@ def lens_light_priors(n_components: int, flux_scale=1.0) -> list:
     Component i has a prior half-light radius around ``0.5 * 3**i`` arcsec (a compact bulge, then
     more extended ones) and amplitude (surface brightness at r_e) around ``0.1 * flux_scale``;
     both log-normal and broad.  Replace ``"mass"`` centres with distributions to free them.
+
+    Examples
+    --------
+    >>> light = lens_light_priors(2, flux_scale=10.0)
+    >>> len(light), sorted(light[0]), light[0]["x0"]
+    (2, ['amp', 'e1', 'e2', 'n', 'r_e', 'x0', 'y0'], 'mass')
     """
     if not (isinstance(n_components, int) and n_components >= 0):
         raise ValueError(f"lens_light must be a number of components >= 0, got {n_components!r}")
@@ -215,7 +257,16 @@ def lens_light_priors(n_components: int, flux_scale=1.0) -> list:
 
 
 def lens_from_sites(values: dict) -> dict:
-    """The eight simulator lens parameters from sampled site values (e1, e2 -> q, phi)."""
+    """The eight simulator lens parameters from sampled site values (e1, e2 -> q, phi).
+
+    Examples
+    --------
+    >>> import torch
+    >>> sites = dict(r_ein=1.2, e1=torch.tensor(0.0), e2=torch.tensor(0.0), gamma=2.0, x0=0.0,
+    ...              y0=0.0, g1=0.0, g2=0.0)
+    >>> float(lens_from_sites(sites)["q"])
+    1.0
+    """
     q, phi = ellipticity_to_q_phi(values["e1"], values["e2"])
     return dict(r_ein=values["r_ein"], q=q, phi=phi, gamma=values["gamma"], x0=values["x0"],
                 y0=values["y0"], g1=values["g1"], g2=values["g2"])
@@ -238,6 +289,15 @@ class LensModel:
         Default: ``Priors.default`` for that source.
     mask : Tensor (ny, nx) of bool, optional
         True where pixels enter the likelihood.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from difflens.simulate import Simulator
+    >>> sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
+    >>> model = LensModel(torch.zeros(16, 16), 0.1, sim, source="sersic")
+    >>> model.n_pixels, model.lens_sites[:3]
+    (256, ('r_ein', 'e1', 'e2'))
     """
 
     def __init__(self, data, noise_sigma, simulator: Simulator, source="sersic", priors=None,

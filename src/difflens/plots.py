@@ -30,6 +30,16 @@ def plot_lens_system(sim, lens: dict, source, *, source_extent=None, image_exten
     Returns
     -------
     matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> from difflens.simulate import Simulator
+    >>> from difflens.sources import Sersic
+    >>> lens = dict(r_ein=1.2, q=0.75, phi=0.5, gamma=2.1, x0=0.0, y0=0.0, g1=0.03, g2=-0.02)
+    >>> source = Sersic(amp=1.0, r_e=0.2, n=1.0)
+    >>> fig = plot_lens_system(Simulator(npix=64, pixel_scale=0.08), lens, source)
+    >>> len(fig.axes) >= 3
+    True
     """
     dtype = sim.x.dtype
     field = sim.extent[1]
@@ -87,6 +97,11 @@ def plot_fit(observation, result, *, true_source=None, title=None):
     Returns
     -------
     matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> fig = plot_fit(obs, fit.map)                            # doctest: +SKIP
+    >>> fig.savefig("fit.png")                                  # doctest: +SKIP
     """
     import numpy as np
 
@@ -135,6 +150,11 @@ def plot_corner(posterior, names=("r_ein", "q", "phi", "gamma"), truths=None):
     names : parameters to show
     truths : dict, optional
         True values by name.
+
+    Examples
+    --------
+    >>> fig = plot_corner(fit.posterior, truths=obs.truth)      # doctest: +SKIP
+    >>> fig.savefig("corner.png")                               # doctest: +SKIP
     """
     import corner
     import numpy as np

@@ -37,7 +37,15 @@ def deflection(x, y, lens: dict, *, method="table"):
 
     Returns
     -------
-    alpha_x, alpha_y : Tensor, shape S or (B, *S), arcsec.
+    alpha_x, alpha_y : Tensor, shape S or ``(B, *S)``, arcsec.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lens = dict(r_ein=1.0, q=1.0, phi=0.0, gamma=2.0, x0=0.0, y0=0.0, g1=0.0, g2=0.0)
+    >>> ax, ay = deflection(torch.tensor([3.0]), torch.tensor([0.0]), lens)
+    >>> round(float(ax[0]), 5)                                 # SIS: |alpha| = r_ein
+    1.0
     """
     missing = [k for k in LENS_PARAMS if k not in lens]
     if missing:
@@ -49,7 +57,16 @@ def deflection(x, y, lens: dict, *, method="table"):
 
 
 def ray_trace(x, y, lens: dict, *, method="table"):
-    """Source-plane positions ``beta = theta - alpha(theta)`` (eq. 6), arcsec."""
+    """Source-plane positions ``beta = theta - alpha(theta)`` (eq. 6), arcsec.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lens = dict(r_ein=1.0, q=1.0, phi=0.0, gamma=2.0, x0=0.0, y0=0.0, g1=0.0, g2=0.0)
+    >>> bx, by = ray_trace(torch.tensor([1.0]), torch.tensor([0.0]), lens)
+    >>> abs(round(float(bx[0]), 5))                            # the Einstein ring maps to the centre
+    0.0
+    """
     ax, ay = deflection(x, y, lens, method=method)
     return x - ax, y - ay
 
@@ -109,7 +126,7 @@ class Simulator:
         return (-hx, hx, -hy, hy)
 
     def ray_trace(self, lens: dict):
-        """Source-plane positions of the padded, supersampled grid, (B, *S) or S."""
+        """Source-plane positions of the padded, supersampled grid, ``(B, *S)`` or S."""
         return ray_trace(self.x, self.y, lens, method=self.deflection_method)
 
     def observe(self, surface_brightness):
@@ -125,7 +142,7 @@ class Simulator:
         lens : dict
             The eight parameters of :data:`LENS_PARAMS`, floats or () / (B,) tensors.
         source : callable or None
-            ``source(bx, by) -> brightness`` on (B, *S) positions, e.g.
+            ``source(bx, by) -> brightness`` on ``(B, *S)`` positions, e.g.
             :class:`difflens.sources.Sersic` or :class:`difflens.sources.PixelSource`;
             None for no lensed source (lens light only).
         lens_light : sequence of callables

@@ -34,6 +34,12 @@ def draw_lens(seed: int, priors: Priors | None = None, min_r_ein=0.8, max_r_ein=
 
     Draws are repeated until r_ein lies in [min_r_ein, max_r_ein] arcsec, so the ring sits well
     inside a 10" field.
+
+    Examples
+    --------
+    >>> lens = draw_lens(0)
+    >>> 0.8 <= lens["r_ein"] <= 2.0 and 0.1 <= lens["q"] <= 1.0 and lens == draw_lens(0)
+    True
     """
     priors = priors or Priors.default()
     with torch.random.fork_rng():          # seeded draws without touching the caller's RNG
@@ -98,6 +104,12 @@ def simulate_mock(seed=0, *, noise_sigma=0.1, npix=256, pixel_scale=0.04, psf_si
     source : "vae" or "sersic"
     vae : VAESource, optional
         Defaults to the shipped one.
+
+    Examples
+    --------
+    >>> obs = simulate_mock(1, noise_sigma=0.1, npix=64, pixel_scale=0.16, source="sersic")
+    >>> obs.image.shape, sorted(obs.truth)[:4]
+    ((64, 64), ['e1', 'e2', 'g1', 'g2'])
     """
     lens = draw_lens(seed)
     field = npix * pixel_scale

@@ -35,6 +35,13 @@ class Observation:
         True for pixels used in the likelihood.
     truth : dict, optional
         True parameters (mocks).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> obs = Observation(image=np.zeros((100, 100)), noise_sigma=0.02, pixel_scale=0.04)
+    >>> obs.cutout(64).shape
+    (64, 64)
     """
 
     image: np.ndarray
@@ -102,7 +109,16 @@ class Observation:
 
 
 def write_observation(obs: Observation, path, overwrite=True) -> None:
-    """Write ``obs`` to a FITS file (atomically: a temporary file renamed into place)."""
+    """Write ``obs`` to a FITS file (atomically: a temporary file renamed into place).
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> path = tempfile.mkdtemp() + "/obs.fits"
+    >>> write_observation(Observation(np.zeros((8, 8)), 0.1, 0.05), path)
+    >>> read_observation(path, noise_sigma=0.1).pixel_scale
+    0.05
+    """
     from astropy.io import fits
 
     path = Path(path)
@@ -159,6 +175,12 @@ def read_observation(path, *, noise_sigma=None, noise_map=None, psf=None, mask=N
     ------
     FileNotFoundError, ValueError
         Missing or malformed input, with the reason.
+
+    Examples
+    --------
+    >>> obs = read_observation("lens.fits", noise_map="noise.fits", psf="psf.fits",
+    ...                        exclude="neighbours.fits")       # doctest: +SKIP
+    >>> obs = read_observation("image.h5", psf="psf.h5")        # lenstronomy HDF5  # doctest: +SKIP
     """
     from astropy.io import fits
 
@@ -238,6 +260,13 @@ def load_psf(source, *, max_sum_error=0.1):
     Returns
     -------
     ndarray (kh, kw), summing to 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> k = load_psf(np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0)
+    >>> k.shape, round(float(k.sum()), 6)
+    ((3, 3), 1.0)
     """
     import warnings
 
@@ -282,6 +311,11 @@ def read_lenstronomy_hdf5(image_path, psf_path=None) -> Observation:
     Note that difflens works in the pixel frame (x along columns, y along rows); lenstronomy's RA
     axis usually runs the other way (a negative ``transform_pix2angle[0, 0]``), which mirrors
     position angles.
+
+    Examples
+    --------
+    >>> obs = read_lenstronomy_hdf5("image_lens_system1_F390W.h5",
+    ...                             "psf_lens_system1_F390W.h5")   # doctest: +SKIP
     """
     import h5py
 

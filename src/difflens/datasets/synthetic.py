@@ -2,7 +2,7 @@
 
 Each galaxy is a bulge (de Vaucouleurs-like Sersic, n in [2.5, 4.5]) plus an exponential disk with
 star-forming knots (``galsim.RandomKnots``), half-light radii 0.2"-0.8", random bulge fraction, sizes, ellipticities (intrinsic
-shear |g| <= 0.6) and orientation, convolved with an HST-like PSF (Airy of F814W on a 2.4 m mirror
+shear ``|g| <= 0.6``) and orientation, convolved with an HST-like PSF (Airy of F814W on a 2.4 m mirror
 plus a little Gaussian jitter), drawn on 64x64 pixels so that the galaxy fills the stamp as a
 COSMOS cutout does, given Gaussian noise at a peak S/N drawn log-uniformly in ``snr_range`` and
 normalised to a maximum of 1 — the same format as :func:`difflens.datasets.cosmos.read_catalog`.

@@ -243,6 +243,15 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
     Returns
     -------
     MAPResult
+
+    Examples
+    --------
+    >>> from difflens.fitting import build_model
+    >>> from difflens.datasets.mocks import simulate_mock
+    >>> model = build_model(simulate_mock(3, npix=96, pixel_scale=0.08, source="sersic"),
+    ...                     source="sersic")
+    >>> result = fit_map(model, steps=800, restarts=2)          # doctest: +SKIP
+    >>> result.lens()["r_ein"], result.reduced_chi2             # doctest: +SKIP
     """
     if steps < 1 or restarts < 1:
         raise ValueError("steps and restarts must be >= 1")

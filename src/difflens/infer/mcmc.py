@@ -138,6 +138,11 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     Returns
     -------
     Posterior
+
+    Examples
+    --------
+    >>> post = sample_posterior(model, result.sample_sites(), num_samples=200, chains=4)  # doctest: +SKIP
+    >>> post.summary()["r_ein"], post.interval("gamma", 0.95)                           # doctest: +SKIP
     """
     from pyro.infer.mcmc.util import initialize_model
 

@@ -1,7 +1,7 @@
 """Mass models: deflection angles of the singular power-law ellipsoid and external shear.
 
 All functions are pure tensor functions: parameters are floats, 0-d tensors or (B,) tensors,
-positions any shape S, and results have shape S or (B, *S).  Angles in arcsec, position angles in
+positions any shape S, and results have shape S or ``(B, *S)``.  Angles in arcsec, position angles in
 radians counter-clockwise from +x.
 """
 from .conventions import (from_caustics_epl, from_lenstronomy_epl, from_lenstronomy_shear,

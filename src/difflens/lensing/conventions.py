@@ -2,7 +2,7 @@
 
 difflens (method.md): SPLE with major-axis Einstein radius ``r_ein`` (arcsec), axis ratio ``q``,
 position angle ``phi`` (radians, counter-clockwise from +x), slope ``gamma``, centre ``x0, y0``;
-shear ``g1, g2`` about the origin.  The relations are exact:
+shear ``g1, g2`` about the origin.  The relations are exact::
 
     lenstronomy EPL:   theta_E = sqrt(q) r_ein,  e1 + i e2 = (1 - q)/(1 + q) exp(2 i phi),
                        center_x = x0, center_y = y0, same gamma;
@@ -49,6 +49,12 @@ def from_lenstronomy_epl(theta_E, e1, e2, gamma, center_x=0.0, center_y=0.0) -> 
     Returns
     -------
     dict with keys ``r_ein`` (arcsec), ``q``, ``phi`` (radians), ``gamma``, ``x0``, ``y0``.
+
+    Examples
+    --------
+    >>> p = from_lenstronomy_epl(0.9, 1 / 3, 0.0, 2.0)     # e1 = 1/3 means q = 1/2
+    >>> round(float(p["q"]), 6), round(float(p["r_ein"]) * 0.5 ** 0.5, 6)
+    (0.5, 0.9)
     """
     xp = _ops(theta_E, e1, e2)
     e = xp.sqrt(e1 * e1 + e2 * e2)
@@ -58,7 +64,13 @@ def from_lenstronomy_epl(theta_E, e1, e2, gamma, center_x=0.0, center_y=0.0) -> 
 
 
 def to_lenstronomy_shear(g1, g2) -> dict:
-    """difflens shear -> lenstronomy ``SHEAR`` keyword arguments (``gamma1, gamma2``)."""
+    """difflens shear -> lenstronomy ``SHEAR`` keyword arguments (``gamma1, gamma2``).
+
+    Examples
+    --------
+    >>> to_lenstronomy_shear(0.01, -0.02)
+    {'gamma1': 0.01, 'gamma2': -0.02, 'ra_0': 0.0, 'dec_0': 0.0}
+    """
     return dict(gamma1=g1, gamma2=g2, ra_0=0.0, dec_0=0.0)
 
 
@@ -66,6 +78,11 @@ def from_lenstronomy_shear(gamma1, gamma2, ra_0=0.0, dec_0=0.0) -> dict:
     """lenstronomy ``SHEAR`` keyword arguments -> difflens ``g1, g2``.
 
     Only shear about the origin is represented; a non-zero ``ra_0``/``dec_0`` raises.
+
+    Examples
+    --------
+    >>> from_lenstronomy_shear(0.01, -0.02)
+    {'g1': 0.01, 'g2': -0.02}
     """
     if ra_0 != 0.0 or dec_0 != 0.0:
         raise ValueError("difflens shear is defined about the origin; ra_0 and dec_0 must be 0")
@@ -73,12 +90,26 @@ def from_lenstronomy_shear(gamma1, gamma2, ra_0=0.0, dec_0=0.0) -> dict:
 
 
 def to_caustics_epl(r_ein, q, phi, gamma, x0=0.0, y0=0.0) -> dict:
-    """difflens SPLE -> caustics ``EPL`` parameters (``Rein, q, phi, t, x0, y0``)."""
+    """difflens SPLE -> caustics ``EPL`` parameters (``Rein, q, phi, t, x0, y0``).
+
+    Examples
+    --------
+    >>> kw = to_caustics_epl(1.0, 0.64, 0.3, 2.1)         # Rein = sqrt(0.64) * 1.0, t = gamma - 1
+    >>> round(float(kw["Rein"]), 6), round(kw["t"], 6)
+    (0.8, 1.1)
+    """
     xp = _ops(r_ein, q)
     return dict(Rein=xp.sqrt(q) * r_ein, q=q, phi=phi, t=gamma - 1.0, x0=x0, y0=y0)
 
 
 def from_caustics_epl(Rein, q, phi, t, x0=0.0, y0=0.0) -> dict:
-    """caustics ``EPL`` parameters -> difflens SPLE parameters."""
+    """caustics ``EPL`` parameters -> difflens SPLE parameters.
+
+    Examples
+    --------
+    >>> p = from_caustics_epl(0.8, 0.64, 0.3, 1.1)
+    >>> round(float(p["r_ein"]), 6), round(p["gamma"], 6)
+    (1.0, 2.1)
+    """
     xp = _ops(Rein, q)
     return dict(r_ein=Rein / xp.sqrt(q), q=q, phi=phi, gamma=t + 1.0, x0=x0, y0=y0)

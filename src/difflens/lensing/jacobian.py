@@ -26,6 +26,15 @@ def deflection_jacobian(deflection, x, y):
     -------
     dxx, dxy, dyx, dyy : Tensor, shape S
         ``d alpha_x/dx, d alpha_x/dy, d alpha_y/dx, d alpha_y/dy`` (dimensionless).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from difflens.lensing import shear_deflection
+    >>> shear = lambda x, y: shear_deflection(x, y, g1=0.1, g2=0.0)
+    >>> x = torch.tensor([0.5], dtype=torch.float64)
+    >>> [round(float(v[0]), 6) for v in deflection_jacobian(shear, x, x)]   # d(alpha)/d(theta)
+    [0.1, 0.0, 0.0, -0.1]
     """
     x = x.detach().clone().requires_grad_(True)
     y = y.detach().clone().requires_grad_(True)
@@ -74,6 +83,15 @@ def critical_curves_and_caustics(deflection, extent=2.5, n=400, dtype=torch.floa
     -------
     critical, caustic : list of ndarray (M, 2)
         Closed curves in the image plane and their images in the source plane, arcsec.
+
+    Examples
+    --------
+    >>> from difflens.lensing import spl_deflection
+    >>> sis = lambda x, y: spl_deflection(x, y, r_ein=1.0, q=1.0, phi=0.0, gamma=2.0)
+    >>> crit, caus = critical_curves_and_caustics(sis, extent=2.0, n=200)
+    >>> import numpy as np                                  # the SIS critical curve: r = r_ein
+    >>> bool(abs(np.hypot(*crit[0].T).mean() - 1.0) < 0.01)
+    True
     """
     import contourpy
 

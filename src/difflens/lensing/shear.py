@@ -21,7 +21,7 @@ def shear_deflection(x, y, *, g1, g2):
 
     Returns
     -------
-    alpha_x, alpha_y : Tensor, shape S or (B, *S)
+    alpha_x, alpha_y : Tensor, shape S or ``(B, *S)``
         Deflection, arcsec.
 
     Examples

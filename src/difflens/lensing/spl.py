@@ -208,7 +208,7 @@ def spl_deflection(x, y, *, r_ein, q, phi, gamma, x0=0.0, y0=0.0, method="table"
 
     Returns
     -------
-    alpha_x, alpha_y : Tensor, shape S or (B, *S)
+    alpha_x, alpha_y : Tensor, shape S or ``(B, *S)``
         Deflection, arcsec.
 
     Examples

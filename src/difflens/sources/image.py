@@ -27,14 +27,14 @@ def sample_image(image, x, y, x0, y0, s, amp):
     ----------
     image : Tensor (B, H, W)
         Stamps (B may be 1 and is broadcast).
-    x, y : Tensor (B, *S)
+    x, y : Tensor ``(B, *S)``
         Source-plane positions, arcsec.
     x0, y0, s, amp : Tensor (B,) or ()
         Stamp centre (arcsec), half-width (arcsec) and amplitude.
 
     Returns
     -------
-    Tensor (B, *S)
+    Tensor ``(B, *S)``
     """
     nb = max(image.shape[0], x.shape[0])
     spatial = x.shape[1:]
@@ -65,7 +65,7 @@ def image_source(x, y, image, *, x0, y0, s, amp):
 
     Returns
     -------
-    Tensor, shape S or (B, *S)
+    Tensor, shape S or ``(B, *S)``
 
     Examples
     --------

@@ -1,7 +1,7 @@
 """Source descriptions handed to :class:`difflens.simulate.Simulator`.
 
 A source is a callable ``source(bx, by) -> brightness`` on ray-traced source-plane positions of
-shape (B, *S) (B = 1 for a single lens), returning (B', *S) with B' the common batch size.  The two
+shape ``(B, *S)`` (B = 1 for a single lens), returning ``(B', *S)`` with B' the common batch size.  The two
 built-ins below validate their parameters once, at construction.
 """
 from __future__ import annotations
@@ -48,6 +48,13 @@ class PixelSource:
     image : Tensor (H, W) or (B, H, W)
         The stamp, dimensionless; row i along +y, column j along +x.
     x0, y0 : centre, arcsec.  s : half-width of the stamp, arcsec.  amp : amplitude (iota).
+
+    Examples
+    --------
+    >>> import torch
+    >>> src = PixelSource(torch.ones(64, 64), x0=0.1, y0=0.0, s=0.5, amp=2.0)
+    >>> src(torch.tensor([0.1, 5.0]), torch.tensor([0.0, 0.0]))      # inside / outside the stamp
+    tensor([2., 0.])
     """
 
     image: torch.Tensor

@@ -19,7 +19,14 @@ SERSIC_PARAMS = ("amp", "r_e", "n", "q", "phi", "x0", "y0")
 
 
 def sersic_b(n):
-    """Ciotti & Bertin (1999) ``b_n`` such that ``r_e`` encloses half the light."""
+    """Ciotti & Bertin (1999) ``b_n`` such that ``r_e`` encloses half the light.
+
+    Examples
+    --------
+    >>> from scipy.special import gammaincinv
+    >>> bool(abs(float(sersic_b(4.0)) - gammaincinv(8.0, 0.5)) < 1e-4)   # P(2n, b_n) = 1/2
+    True
+    """
     return (2.0 * n - 1.0 / 3.0 + 4.0 / (405.0 * n) + 46.0 / (25515.0 * n ** 2)
             + 131.0 / (1148175.0 * n ** 3) - 2194697.0 / (30690717750.0 * n ** 4))
 
@@ -74,7 +81,7 @@ def sersic(x, y, *, amp, r_e, n, q=1.0, phi=0.0, x0=0.0, y0=0.0):
 
     Returns
     -------
-    Tensor, shape S or (B, *S)
+    Tensor, shape S or ``(B, *S)``
 
     Examples
     --------

@@ -129,6 +129,13 @@ class VAESource(nn.Module):
 
     Use :func:`load_default_vae` to get the shipped one.  ``decode(z)`` gives 64x64 stamps that
     :class:`difflens.sources.PixelSource` places in the source plane (eq. 17).
+
+    Examples
+    --------
+    >>> vae = load_default_vae()                                 # doctest: +SKIP
+    >>> z = vae.prior.distribution().sample()                    # doctest: +SKIP
+    >>> vae.decode(z).shape                                      # doctest: +SKIP
+    torch.Size([64, 64])
     """
 
     def __init__(self, decoder: Decoder, prior: LatentPrior, config: VAEConfig,
@@ -182,6 +189,10 @@ def load_vae(decoder_path, encoder_path=None, map_location="cpu") -> VAESource:
     ------
     FileNotFoundError
         If a weights file is missing.
+
+    Examples
+    --------
+    >>> vae = load_vae("data/vae_decoder.pt", "data/vae_encoder.pt")    # doctest: +SKIP
     """
     decoder_path = Path(decoder_path)
     if not decoder_path.exists():

@@ -23,7 +23,14 @@ from .vae import Decoder, Encoder, LatentPrior, VAEConfig, VAESource
 
 
 def dihedral_augment(images: np.ndarray) -> np.ndarray:
-    """The 8 rotations by multiples of 90 degrees and reflections of each stamp (N -> 8N)."""
+    """The 8 rotations by multiples of 90 degrees and reflections of each stamp (N -> 8N).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> dihedral_augment(np.random.default_rng(0).random((2, 64, 64))).shape   # 8 symmetries each
+    (16, 64, 64)
+    """
     out = []
     for k in range(4):
         r = np.rot90(images, k, axes=(1, 2))
@@ -97,6 +104,13 @@ def train_vae(train: np.ndarray, val: np.ndarray, workdir, vae_config: VAEConfig
     Returns
     -------
     VAESource with the best-validation weights, its prior and a ``card`` of what happened.
+
+    Examples
+    --------
+    >>> from difflens.sources.vae import VAEConfig
+    >>> vae = train_vae(train, val, "build/vae", VAEConfig(width=0.25),
+    ...                 TrainConfig(max_epochs=100))            # doctest: +SKIP
+    >>> vae.save("data/vae_decoder.pt", "data/vae_encoder.pt")  # doctest: +SKIP
     """
     import pyro
     from pyro.infer import SVI, TraceMeanField_ELBO
