@@ -97,7 +97,14 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
 
 @dataclass
 class LensFit:
-    """Result of :func:`fit_lens`: the observation, model, MAP and (optionally) posterior."""
+    """Result of :func:`fit_lens`: the observation, model, MAP and (optionally) posterior.
+
+    Examples
+    --------
+    >>> fit = fit_lens(obs, samples=200)                         # doctest: +SKIP
+    >>> fit.summary()["map"]["r_ein"], fit.map.reduced_chi2      # doctest: +SKIP
+    >>> fit.save("fit_output")      # summary.json, fit.png, posterior.nc, corner.png  # doctest: +SKIP
+    """
 
     observation: Observation
     model: LensModel

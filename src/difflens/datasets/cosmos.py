@@ -42,6 +42,13 @@ class GalaxyStamps:
     noise_sigma : ndarray (N,), pixel noise of each normalised stamp.
     ident : ndarray (N,), catalogue IDENT (as strings ``"<catalogue>:<ident>"``).
     counts : dict, galaxies left after each step.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> st = GalaxyStamps(np.zeros((3, 64, 64), np.float32), np.full(3, 0.05), np.array(["a", "b", "c"]))
+    >>> len(st), len(st.subset([0, 2]))
+    (3, 2)
     """
 
     images: np.ndarray
@@ -59,7 +66,13 @@ class GalaxyStamps:
 
 @dataclass(frozen=True)
 class Selection:
-    """The paper's cuts (Sec. 2.2); set a field to None to skip that cut."""
+    """The paper's cuts (Sec. 2.2); set a field to None to skip that cut.
+
+    Examples
+    --------
+    >>> Selection(snr_range=None)            # keep every S/N, the other cuts as in the paper
+    Selection(drop_bad_fits=True, min_size=64, out_size=64, snr_range=None)
+    """
 
     drop_bad_fits: bool = True
     min_size: int | None = 64
@@ -98,6 +111,10 @@ def read_catalog(catalog_path, selection: Selection = Selection(), verbose=True)
     ------
     FileNotFoundError
         If the catalogue or a stamp file it names is missing.
+
+    Examples
+    --------
+    >>> stamps = read_catalog("real_galaxy_catalog_23.5.fits", Selection())   # doctest: +SKIP
     """
     from astropy.io import fits
 
@@ -168,6 +185,13 @@ def crop_and_downscale(stamp: np.ndarray, noise_sigma: float, out_size: int = 64
     """Crop the central square and area-average to ``out_size``; return the stamp and its noise.
 
     Averaging ``f x f`` independent pixels (f = side / out_size) divides the noise by f.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> small, sigma = crop_and_downscale(np.ones((128, 140)), 0.2)   # 2x2 averaging halves the noise
+    >>> small.shape, round(float(sigma), 6)
+    ((64, 64), 0.1)
     """
     side = min(stamp.shape)
     y0 = (stamp.shape[0] - side) // 2
@@ -178,14 +202,26 @@ def crop_and_downscale(stamp: np.ndarray, noise_sigma: float, out_size: int = 64
 
 
 def find_catalogs(root) -> list[Path]:
-    """All ``real_galaxy_catalog*.fits`` files (not the ``*_fits.fits`` ones) below ``root``."""
+    """All ``real_galaxy_catalog*.fits`` files (not the ``*_fits.fits`` ones) below ``root``.
+
+    Examples
+    --------
+    >>> find_catalogs("/nonexistent")
+    []
+    """
     root = Path(root)
     return sorted(p for p in root.rglob("real_galaxy_catalog*.fits")
                   if not p.name.endswith("_fits.fits"))
 
 
 def load_cosmos(root, selection: Selection = Selection(), verbose=True) -> GalaxyStamps:
-    """Read and select every catalogue below ``root``; counts are summed per step."""
+    """Read and select every catalogue below ``root``; counts are summed per step.
+
+    Examples
+    --------
+    >>> stamps = load_cosmos("~/COSMOS_23.5_training_sample")            # doctest: +SKIP
+    >>> stamps.counts                                                     # doctest: +SKIP
+    """
     parts = [read_catalog(p, selection, verbose) for p in find_catalogs(root)]
     if not parts:
         raise FileNotFoundError(f"no real_galaxy_catalog*.fits below {root}")
@@ -198,7 +234,15 @@ def load_cosmos(root, selection: Selection = Selection(), verbose=True) -> Galax
 
 
 def split(stamps: GalaxyStamps, fractions=(0.8, 0.1, 0.1), seed=0):
-    """Random train / validation / test split (reproducible from ``seed``)."""
+    """Random train / validation / test split (reproducible from ``seed``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> st = GalaxyStamps(np.zeros((10, 64, 64), np.float32), np.ones(10), np.arange(10).astype(str))
+    >>> [len(p) for p in split(st, (0.6, 0.2, 0.2))]
+    [6, 2, 2]
+    """
     if not math.isclose(sum(fractions), 1.0):
         raise ValueError(f"split fractions must sum to 1, got {fractions}")
     order = np.random.default_rng(seed).permutation(len(stamps))

@@ -18,7 +18,15 @@ STAMP_PIXEL_SCALE = 0.04
 
 
 def render_galaxy(rng: np.random.Generator, snr_range=(6.0, 80.0), size=64):
-    """Render one normalised synthetic galaxy; returns (image, noise_sigma)."""
+    """Render one normalised synthetic galaxy; returns (image, noise_sigma).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image, sigma = render_galaxy(np.random.default_rng(0))
+    >>> image.shape, bool(float(image.max()) == 1.0 and sigma > 0)
+    ((64, 64), True)
+    """
     import galsim
 
     seed = int(rng.integers(1, 2 ** 31 - 1))
@@ -57,6 +65,12 @@ def synthetic_galaxies(n: int, seed: int = 0, snr_range=(6.0, 80.0), progress=Tr
     Returns
     -------
     GalaxyStamps
+
+    Examples
+    --------
+    >>> gals = synthetic_galaxies(3, seed=0, progress=False)
+    >>> gals.images.shape
+    (3, 64, 64)
     """
     rng = np.random.default_rng(seed)
     it = range(n)

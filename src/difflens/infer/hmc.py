@@ -49,6 +49,15 @@ def batched_potential(model, transforms: dict, names, sizes, shapes):
     callable
         ``potential(u)`` for ``u`` of shape ``(C, D)`` (unconstrained, flattened), returning
         ``-log p(theta(u), data) - log |d theta / d u|`` of shape ``(C,)``.
+
+    Examples
+    --------
+    >>> from pyro.infer.mcmc.util import initialize_model                     # doctest: +SKIP
+    >>> params, _, transforms, _ = initialize_model(model)                    # doctest: +SKIP
+    >>> names = list(params)                                                  # doctest: +SKIP
+    >>> pot = batched_potential(model, transforms, names, [params[n].numel() for n in names],
+    ...                         [params[n].shape for n in names])             # doctest: +SKIP
+    >>> pot(u).shape        # u: (C, D) unconstrained points -> (C,)          # doctest: +SKIP
     """
     def potential(u):
         c = u.shape[0]

@@ -40,6 +40,10 @@ def initial_guess(model: LensModel, threshold=3.0, data=None) -> dict:
     light-weighted mean distance from it estimates r_ein, their median brightness the source
     amplitude.  ``data`` replaces the model's data (e.g. with lens light subtracted).  Returns site
     values in arcsec and image units ({} if nothing is significant).
+
+    Examples
+    --------
+    >>> guess = initial_guess(model)        # {'x0', 'y0', 'r_ein', 'src_amp'}   # doctest: +SKIP
     """
     data = model.data if data is None else data
     w = torch.where((data > threshold * model.noise_sigma) & _used(model), data,
@@ -85,6 +89,10 @@ def fit_lens_light(model: LensModel, steps=300, lbfgs_steps=100, lr=0.05, clip=3
         ``light{i}_*`` site values and the centre as ``x0, y0`` (arcsec).
     image : Tensor (ny, nx)
         The PSF-convolved lens-light model.
+
+    Examples
+    --------
+    >>> light = fit_lens_light(build_model(obs, lens_light=2))   # doctest: +SKIP
     """
     n_comp = len(model.priors.lens_light)
     if n_comp == 0:
@@ -157,7 +165,12 @@ def arc_radius(model: LensModel, residual, centre, threshold=3.0, inner=None):
     ``centre`` (arcsec) of pixels whose ``residual`` exceeds ``threshold`` sigma, outside ``inner``
     arcsec (default: 3 pixels or 0.15", the larger) where a lens-light model is least exact.
 
-    Returns (radius, median residual of those pixels), or None if fewer than 5 pixels qualify."""
+    Returns (radius, median residual of those pixels), or None if fewer than 5 pixels qualify.
+
+    Examples
+    --------
+    >>> radius, median_residual = arc_radius(model, residual, centre=(0.0, 0.0))   # doctest: +SKIP
+    """
     sim = model.simulator
     inner = max(3 * sim.pixel_scale, 0.15) if inner is None else inner
     x, y = _grid(model)
@@ -181,6 +194,15 @@ def initialise(model: LensModel, threshold=3.0) -> dict:
         ``x0, y0, r_ein`` (arcsec) and ``src_amp`` (the arcs' typical brightness, image units) when
         they can be read off, and with lens light the fitted ``light{i}_*`` values; {} when
         nothing in the image is significant.
+
+    Examples
+    --------
+    >>> from difflens.fitting import build_model
+    >>> from difflens.datasets.mocks import simulate_mock
+    >>> obs = simulate_mock(3, noise_sigma=0.05, npix=96, pixel_scale=0.08, source="sersic")
+    >>> start = initialise(build_model(obs, source="sersic"))
+    >>> bool(abs(float(start["r_ein"]) - obs.truth["r_ein"]) < 0.3 * obs.truth["r_ein"])
+    True
     """
     if not model.priors.lens_light:
         return initial_guess(model, threshold)

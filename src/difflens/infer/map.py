@@ -52,6 +52,11 @@ class MAPResult:
     log_posterior : float
     restart_losses : list of float
         Loss of each restart after its short run.
+
+    Examples
+    --------
+    >>> result = fit_map(model)                                             # doctest: +SKIP
+    >>> result.lens(), result.reduced_chi2, result.normalised_residuals.std()   # doctest: +SKIP
     """
 
     params: dict

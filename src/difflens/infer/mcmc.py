@@ -37,6 +37,12 @@ class Posterior:
         ``posterior`` group with every sampled site plus ``q`` and ``phi``.
     rhat, ess : dict of str -> float
         Per lens parameter (and ``theta_E``).
+
+    Examples
+    --------
+    >>> post = sample_posterior(model, result.sample_sites())              # doctest: +SKIP
+    >>> post.rhat["r_ein"], post.ess["r_ein"], post.interval("r_ein", 0.68)   # doctest: +SKIP
+    >>> post.idata.to_netcdf("posterior.nc")                                # doctest: +SKIP
     """
 
     idata: object

@@ -97,6 +97,12 @@ class SplTable:
     ----------
     data : SplTableData
         Node values from :func:`difflens.lensing.tables.build_table` or ``load_table``.
+
+    Examples
+    --------
+    >>> table = default_spl_table()          # the shipped table, built once with scipy
+    >>> type(table).__name__
+    'SplTable'
     """
 
     def __init__(self, data: SplTableData):

@@ -21,7 +21,13 @@ SIGMA_D = 1.0 / 50.0
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Architecture settings.  ``width = 1`` reproduces Tables D1/D2 exactly."""
+    """Architecture settings.  ``width = 1`` reproduces Tables D1/D2 exactly.
+
+    Examples
+    --------
+    >>> VAEConfig().latent_dim, VAEConfig(width=0.5).channels(64)
+    (64, 32)
+    """
 
     latent_dim: int = LATENT_DIM
     width: float = 1.0
@@ -32,7 +38,15 @@ class VAEConfig:
 
 
 class Encoder(nn.Module):
-    """Table D1: 64x64 image -> (mu_e, sigma_e), each of size ``latent_dim``."""
+    """Table D1: 64x64 image -> (mu_e, sigma_e), each of size ``latent_dim``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> mu, log_sigma = Encoder(VAEConfig(width=0.125))(torch.zeros(2, 64, 64))
+    >>> mu.shape
+    torch.Size([2, 64])
+    """
 
     def __init__(self, cfg: VAEConfig = VAEConfig()):
         super().__init__()
@@ -63,7 +77,14 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Table D2: latent z (B, latent_dim) -> mean image mu_d (B, 64, 64) in (-1, 1)."""
+    """Table D2: latent z (B, latent_dim) -> mean image mu_d (B, 64, 64) in (-1, 1).
+
+    Examples
+    --------
+    >>> import torch
+    >>> Decoder(VAEConfig(width=0.125))(torch.zeros(2, 64)).shape
+    torch.Size([2, 64, 64])
+    """
 
     def __init__(self, cfg: VAEConfig = VAEConfig()):
         super().__init__()
@@ -95,6 +116,13 @@ class LatentPrior(nn.Module):
     mean : Tensor (D,)
     covariance : Tensor (D, D)
         Already scaled (the paper multiplies the empirical covariance by 9).
+
+    Examples
+    --------
+    >>> import torch
+    >>> prior = LatentPrior(torch.zeros(2), torch.eye(2))
+    >>> prior.distribution().sample((5,)).shape
+    torch.Size([5, 2])
     """
 
     def __init__(self, mean: torch.Tensor, covariance: torch.Tensor):
@@ -215,7 +243,14 @@ def load_vae(decoder_path, encoder_path=None, map_location="cpu") -> VAESource:
 
 
 def default_vae_paths():
-    """Paths of the shipped weights: ``data/vae_decoder.pt`` and ``data/vae_encoder.pt``."""
+    """Paths of the shipped weights: ``data/vae_decoder.pt`` and ``data/vae_encoder.pt``.
+
+    Examples
+    --------
+    >>> decoder, encoder = default_vae_paths()
+    >>> decoder.name, encoder.name
+    ('vae_decoder.pt', 'vae_encoder.pt')
+    """
     here = Path(__file__).resolve()
     for root in (here.parent.parent / "data", here.parents[3] / "data"):
         if (root / "vae_decoder.pt").exists():

@@ -1,0 +1,82 @@
+"""One lens at the paper's three noise levels: S/N, MAP, posterior widths (paper Sec. 5, Table 1).
+
+    python examples/compare_noise_levels.py [--seed 1] [--samples 150] [--out examples/output/noise_levels]
+
+The same mock (lens from the default priors, VAE source, 256x256 at 0.04", PSF 0.05") observed
+with noise sigma 0.333, 0.1 and 0.0333 (low / medium / high S/N), each fitted with MAP and HMC.
+Writes ``noise_levels.png`` (observations and the marginal posteriors of r_ein, gamma, phi, q per
+level, truths marked) and ``noise_levels.json`` (S/N, MAP, posterior mean/sd, R-hat per level).
+The paper reports statistical errors shrinking from ~3% to below 1% with S/N.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from difflens.datasets.mocks import NOISE_LEVELS, simulate_mock  # noqa: E402
+from difflens.fitting import fit_lens  # noqa: E402
+
+SHOWN = ("r_ein", "gamma", "phi", "q")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--samples", type=int, default=150, help="HMC draws per chain (0: MAP only)")
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--out", default="examples/output/noise_levels")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, fits = {}, {}
+    for level, sigma in NOISE_LEVELS.items():
+        t0 = time.perf_counter()
+        obs = simulate_mock(args.seed, noise_sigma=sigma, source="vae")
+        fit = fit_lens(obs, source="vae", steps=args.steps, samples=args.samples,
+                       warmup=args.warmup, chains=args.chains, seed=args.seed)
+        s = fit.summary()
+        results[level] = dict(noise_sigma=sigma, snr=obs.truth["snr"],
+                              reduced_chi2=s["reduced_chi2"], minutes=(time.perf_counter() - t0) / 60,
+                              **{k: dict(truth=obs.truth[k], map=s["map"][k],
+                                         **({m: s["posterior"][k][m] for m in
+                                             ("mean", "sd", "r_hat", "ess_bulk")}
+                                            if "posterior" in s else {}))
+                                 for k in SHOWN})
+        fits[level] = (obs, fit)
+        print(f"{level:6s} sigma {sigma:.4f}  S/N {obs.truth['snr']:6.0f}  "
+              f"chi2_nu {s['reduced_chi2']:.3f}  " + "  ".join(
+                  f"{k} {s['map'][k]:.4f}" + (f"+-{s['posterior'][k]['sd']:.4f}"
+                                              if "posterior" in s else "") for k in SHOWN),
+              flush=True)
+    (out / "noise_levels.json").write_text(json.dumps(results, indent=1))
+
+    fig, axes = plt.subplots(2, 4, figsize=(15, 7), constrained_layout=True)
+    for ax, (level, (obs, fit)) in zip(axes[0], fits.items()):
+        ax.imshow(obs.image, origin="lower", cmap="magma")
+        ax.set_title(f"{level}: sigma {NOISE_LEVELS[level]}, S/N {obs.truth['snr']:.0f}")
+        ax.axis("off")
+    axes[0, 3].axis("off")
+    for ax, k in zip(axes[1], SHOWN):
+        for level, (obs, fit) in fits.items():
+            if fit.posterior is not None:
+                x = fit.posterior.idata.posterior[k].values.reshape(-1)
+                ax.hist(x, bins=30, density=True, histtype="step", label=level)
+            else:
+                ax.axvline(fit.summary()["map"][k], ls=":", label=f"{level} MAP")
+        ax.axvline(obs.truth[k], color="k", lw=1.5, label="truth")
+        ax.set_xlabel(k)
+    axes[1, 0].legend(fontsize=8)
+    fig.savefig(out / "noise_levels.png", dpi=90)
+    print(f"wrote {out}/noise_levels.png, noise_levels.json")
+
+
+if __name__ == "__main__":
+    main()
