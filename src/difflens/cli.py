@@ -112,7 +112,7 @@ def _cmd_demo(args):
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    print("difflens demo (QUICK settings: fewer MAP steps and NUTS samples than a science run; "
+    print("difflens demo (QUICK settings: fewer MAP steps and posterior draws than a science run; "
           "see `difflens fit --help`)")
     obs = simulate_mock(args.seed, noise_sigma=0.1, source="vae")
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def _cmd_demo(args):
           f"-> {out / 'mock.fits'}")
     fit = fit_lens(obs, source="vae", steps=args.steps, restarts=args.restarts,
                    samples=args.samples, warmup=args.warmup, chains=args.chains,
-                   max_tree_depth=args.max_tree_depth, seed=args.seed)
+                   sampler=args.sampler, max_tree_depth=args.max_tree_depth, seed=args.seed)
     fit.save(out)
     print(fit.table())
     print(f"\nwrote {out}/summary.json, fit.png, posterior.nc, corner.png "
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=("vae", "sersic"), default="vae")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("fit", help="fit a lens observation: MAP, then optionally NUTS")
+    p = sub.add_parser("fit", help="fit a lens observation: MAP, then optionally HMC or NUTS")
     p.add_argument("obs", help="FITS image (primary HDU; PIXSCALE in the header), or a "
                                "lenstronomy HDF5 image (.h5; noise map from its exposure map)")
     p.add_argument("--out", required=True, help="output folder")
@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=3)
     p.add_argument("--samples", type=int, default=60)
     p.add_argument("--warmup", type=int, default=60)
-    p.add_argument("--chains", type=int, default=2)
-    p.add_argument("--max-tree-depth", type=int, default=5)
+    p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--sampler", choices=("hmc", "nuts"), default="hmc")
+    p.add_argument("--max-tree-depth", type=int, default=5, help="NUTS only")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train-vae", help="train the VAE source prior (Pyro SVI)")

@@ -104,7 +104,7 @@ def _safe(potential):
 
 
 def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_length=1.5,
-        max_steps=64, seed=0, progress=True, desc="HMC"):
+        max_steps=64, dense=True, seed=0, progress=True, desc="HMC"):
     """Run ``C`` HMC chains at once from ``u0`` (shape ``(C, D)``).
 
     Parameters
@@ -119,10 +119,13 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     target_accept : float
         Mean Metropolis acceptance that dual averaging aims for (0 < t < 1).
     path_length : float
-        Trajectory length in units of the (whitened) posterior scale; each iteration uses
+        Trajectory length in units of the (preconditioned) posterior scale; each iteration uses
         ``U(0.5, 1) * path_length``.  ~pi/2 for a unit Gaussian.
     max_steps : int
         Cap on leapfrog steps per iteration (guards against a collapsed step size).
+    dense : bool
+        Adapt a dense preconditioner (covariance of the pooled warm-up draws, shrunk towards its
+        diagonal when draws are few) rather than a diagonal one.
     seed : int
     progress : bool
         Progress bar (with the current mean acceptance and step size).
@@ -133,15 +136,14 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     stats : dict
         ``accept`` (C, num_samples) acceptance probabilities, ``step_size`` (C,),
         ``n_steps`` (num_samples,) leapfrog steps, ``divergent`` (C, num_samples) bool, and
-        ``inv_mass`` (D,) the adapted diagonal inverse mass.
+        ``scale`` (D, D) the adapted preconditioner (``u = v @ scale.T``, v sampled with unit
+        mass).
 
-    Examples
-    --------
-    >>> import torch
-    >>> draws, stats = hmc(lambda u: 0.5 * (u * u).sum(1), torch.zeros(4, 3), num_samples=300,
-    ...                    warmup=100, progress=False)                # 4 chains on N(0, I)
-    >>> draws.shape, bool(abs(float(draws.std()) - 1.0) < 0.15)
-    (torch.Size([4, 300, 3]), True)
+    Notes
+    -----
+    Warm-up follows Stan's schedule: 15% step-size search, then adaptation windows of doubling
+    length (25, 50, ...) after each of which the covariance of the pooled draws of all chains
+    re-scales the coordinates and the step-size search restarts, then 10% step size only.
     """
     if not 0 < target_accept < 1:
         raise ValueError(f"target_accept must lie in (0, 1), got {target_accept}")
@@ -152,63 +154,68 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     gen = torch.Generator(device=u0.device).manual_seed(seed)
     potential = _safe(potential)
     c, d = u0.shape
-    u = u0.detach().clone()
-    pot, grad = _value_and_grad(potential, u)
+    kw = dict(dtype=u0.dtype, device=u0.device)
+    scale = torch.eye(d, **kw)                    # u = v @ scale.T; v has unit mass
+
+    def pot_v(v):
+        return potential(v @ scale.T)
+
+    v = u0.detach().clone()
+    pot, grad = _value_and_grad(pot_v, v)
     if not torch.isfinite(pot).all():
         raise ValueError("HMC start has a non-finite log density in chains "
                          f"{torch.nonzero(~torch.isfinite(pot)).reshape(-1).tolist()}")
-    inv_mass = torch.ones(d, dtype=u.dtype, device=u.device)
-
-    # warm-up schedule (Stan's, shortened): step size only, then a window whose pooled draws give
-    # the diagonal mass, then step size again with that mass
-    mass_start, mass_end = int(0.15 * warmup), int(0.75 * warmup)
+    window_ends = _adaptation_windows(warmup)
     window = []
 
     def dual_averaging_state(eps):
-        return dict(mu=torch.log(10 * eps), log_eps_bar=torch.zeros(c, dtype=u.dtype, device=u.device),
-                    h_bar=torch.zeros(c, dtype=u.dtype, device=u.device), t=0)
+        return dict(mu=torch.log(10 * eps), log_eps_bar=torch.zeros(c, **kw),
+                    h_bar=torch.zeros(c, **kw), t=0)
 
-    eps = _initial_step_size(potential, u, pot, grad, inv_mass, gen)
+    eps = _initial_step_size(pot_v, v, pot, grad, gen)
     da = dual_averaging_state(eps)
     draws, accepts, divergent, n_steps_kept = [], [], [], []
     bar = tqdm(range(warmup + num_samples), desc=desc, disable=not progress, leave=False)
     for it in bar:
-        jitter = 0.5 + 0.5 * torch.rand((), generator=gen, dtype=u.dtype, device=u.device)
+        jitter = 0.5 + 0.5 * torch.rand((), generator=gen, **kw)
         n_steps = int(min(max_steps, max(1, math.ceil(float(jitter * path_length /
                                                             eps.median())))))
-        p = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device) / inv_mass.sqrt()
-        h0 = pot + 0.5 * (p * p * inv_mass).sum(1)
-        un, pn, gn = u, p, grad
+        p = torch.randn(v.shape, generator=gen, **kw)
+        h0 = pot + 0.5 * (p * p).sum(1)
+        vn, pn, gn = v, p, grad
         step = eps[:, None]
-        pn = pn - 0.5 * step * gn
+        pn = pn - 0.5 * step * gn                  # leapfrog (Neal 2011, eqs. 5.18-5.20)
         for k in range(n_steps):
-            un = un + step * inv_mass * pn
-            potn, gn = _value_and_grad(potential, un)
+            vn = vn + step * pn
+            potn, gn = _value_and_grad(pot_v, vn)
             if k < n_steps - 1:
                 pn = pn - step * gn
         pn = pn - 0.5 * step * gn
-        h1 = potn + 0.5 * (pn * pn * inv_mass).sum(1)
+        h1 = potn + 0.5 * (pn * pn).sum(1)
         log_accept = torch.nan_to_num(h0 - h1, nan=-math.inf).clamp(max=0.0)
         accept_prob = log_accept.exp()
-        take = torch.rand(c, generator=gen, dtype=u.dtype, device=u.device) < accept_prob
-        u = torch.where(take[:, None], un, u)
+        take = torch.rand(c, generator=gen, **kw) < accept_prob
+        v = torch.where(take[:, None], vn, v)
         pot = torch.where(take, potn, pot)
         grad = torch.where(take[:, None], gn, grad)
         if it < warmup:
             eps = _dual_averaging_update(da, accept_prob, target_accept)
-            if mass_start <= it < mass_end:
-                window.append(u.clone())
-            if it == mass_end - 1 and len(window) > 10:
-                x = torch.cat(window)                     # pooled over chains
-                n = x.shape[0]
-                var = x.var(0)
-                inv_mass = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
-                eps = _initial_step_size(potential, u, pot, grad, inv_mass, gen)
+            if window_ends and window_ends[0][0] <= it:
+                window.append(v @ scale.T)
+            if window_ends and it == window_ends[0][1] - 1:
+                window_ends.pop(0)
+                u = v @ scale.T
+                scale = _preconditioner(torch.cat(window), dense)   # pooled over chains
+                window = []
+                # the same points in the new coordinates; restart the step-size search
+                v = torch.linalg.solve_triangular(scale, u.T, upper=False).T
+                pot, grad = _value_and_grad(pot_v, v)
+                eps = _initial_step_size(pot_v, v, pot, grad, gen)
                 da = dual_averaging_state(eps)
             if it == warmup - 1:
                 eps = da["log_eps_bar"].exp()
         else:
-            draws.append(u.clone())
+            draws.append(v @ scale.T)
             accepts.append(accept_prob)
             divergent.append(~torch.isfinite(h1) | (h1 - h0 > 1000.0))
             n_steps_kept.append(n_steps)
@@ -217,24 +224,57 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     bar.close()
     stats = dict(accept=torch.stack(accepts, 1), step_size=eps,
                  n_steps=torch.tensor(n_steps_kept), divergent=torch.stack(divergent, 1),
-                 inv_mass=inv_mass)
+                 scale=scale)
     return torch.stack(draws, 1), stats
 
 
-def _initial_step_size(potential, u, pot, grad, inv_mass, gen):
+def _adaptation_windows(warmup, init=0.15, term=0.1, first=25):
+    """Stan's slow-adaptation windows as (start, end) iterations: doubling lengths from
+    ``first`` between an initial ``init`` and a terminal ``term`` fraction of ``warmup``; the
+    last window absorbs a remainder shorter than twice its length."""
+    start, stop = int(init * warmup), warmup - int(term * warmup)
+    if stop - start < first:
+        return []
+    windows, size = [], first
+    while start < stop:
+        end = start + size if stop - (start + size) >= 2 * size else stop
+        windows.append((start, end))
+        start, size = end, 2 * size
+    return windows
+
+
+def _preconditioner(x, dense, shrink=5.0):
+    """Lower-triangular ``L`` with ``L L^T`` the regularised covariance of draws ``x`` (N, D).
+
+    Dense: the sample covariance shrunk towards its diagonal by ``D / (N + D)`` (few draws, many
+    dimensions); then, as in Stan, ``(N / (N + 5)) C + 1e-3 (5 / (N + 5)) I``.
+    """
+    n, d = x.shape
+    cov = torch.cov(x.T).reshape(d, d) if n > 1 else torch.eye(d, dtype=x.dtype, device=x.device)
+    if dense:
+        lam = d / (n + d)
+        cov = (1 - lam) * cov + lam * torch.diag(cov.diagonal())
+    else:
+        cov = torch.diag(cov.diagonal())
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    cov = (n / (n + shrink)) * cov + 1e-3 * (shrink / (n + shrink)) * eye
+    return torch.linalg.cholesky(cov)
+
+
+def _initial_step_size(potential, u, pot, grad, gen):
     """Per-chain step size where one leapfrog step changes the energy by ~log 2 (doubling or
-    halving from 1; Hoffman & Gelman 2014, Algorithm 4)."""
+    halving from 1; Hoffman & Gelman 2014, Algorithm 4).  Unit mass."""
     c = u.shape[0]
     eps = torch.ones(c, dtype=u.dtype, device=u.device)
-    p = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device) / inv_mass.sqrt()
-    h0 = pot + 0.5 * (p * p * inv_mass).sum(1)
+    p = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)
+    h0 = pot + 0.5 * (p * p).sum(1)
 
     def delta_h(e):
         pn = p - 0.5 * e[:, None] * grad
-        un = u + e[:, None] * inv_mass * pn
+        un = u + e[:, None] * pn
         potn, gn = _value_and_grad(potential, un)
         pn = pn - 0.5 * e[:, None] * gn
-        return torch.nan_to_num(h0 - potn - 0.5 * (pn * pn * inv_mass).sum(1), nan=-math.inf)
+        return torch.nan_to_num(h0 - potn - 0.5 * (pn * pn).sum(1), nan=-math.inf)
 
     direction = torch.where(delta_h(eps) > math.log(0.5), 1.0, -1.0).to(u.dtype)
     for _ in range(30):
