@@ -332,6 +332,56 @@ class LensModel:
         self.priors = priors or Priors.default(self.source_kind)
         self.n_pixels = int(mask.sum()) if mask is not None else data.numel()
 
+    @classmethod
+    def stack(cls, models, repeat=1) -> "LensModel":
+        """One model over a batch of observations, for batched likelihoods (many lenses at once).
+
+        The result's ``data`` has shape ``(N, ny, nx)`` with ``N = len(models) * repeat``
+        (each observation repeated ``repeat`` times in a row, e.g. for restarts), and so do its
+        noise and mask.  Conditioned on site values with a leading batch of ``N`` (as
+        :func:`difflens.infer.hmc.batched_potential` does), observation ``n`` meets parameter set
+        ``n``: the log likelihood has shape ``(N,)``.  Only for batched evaluation; the
+        per-observation helpers (``initialise``, ``summarise_map``) take the single models.
+
+        Parameters
+        ----------
+        models : list of LensModel
+            Same grid, PSF, source, priors and lens light (only data, noise and mask differ).
+        repeat : int
+
+        Examples
+        --------
+        >>> import torch
+        >>> from difflens.simulate import Simulator
+        >>> sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
+        >>> a, b = (LensModel(torch.full((16, 16), v), 0.1, sim) for v in (0.0, 1.0))
+        >>> LensModel.stack([a, b], repeat=3).data.shape
+        torch.Size([6, 16, 16])
+        """
+        models = list(models)
+        if not models or repeat < 1:
+            raise ValueError("stack needs at least one model and repeat >= 1")
+        first = models[0]
+        for m in models[1:]:
+            a, b = m.simulator, first.simulator
+            if a is not b and (a.npix != b.npix or a.pixel_scale != b.pixel_scale
+                               or a.supersample != b.supersample or a.psf.shape != b.psf.shape
+                               or not torch.equal(a.psf, b.psf)):
+                raise ValueError("stacked models must share the pixel grid and the PSF")
+            if m.source_kind != first.source_kind or set(m.all_priors()) != set(first.all_priors()):
+                raise ValueError("stacked models must have the same source kind and sites")
+            if (m.mask is None) != (first.mask is None):
+                raise ValueError("either all stacked models have a mask or none has")
+        out = copy.copy(first)
+
+        def batch(values):
+            return torch.stack(values).repeat_interleave(repeat, dim=0)
+
+        out.data = batch([m.data for m in models])
+        out.noise_sigma = batch([m.noise_sigma.expand_as(m.data) for m in models])
+        out.mask = batch([m.mask for m in models]) if first.mask is not None else None
+        return out
+
     @property
     def lens_sites(self):
         return tuple(self.priors.lens)

@@ -31,7 +31,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 
-def batched_potential(model, transforms: dict, names, sizes, shapes):
+def batched_potential(model, transforms: dict, names, sizes, shapes, jacobian=True):
     """Return ``potential(u) -> (C,)``, the negative log joint of ``model`` at ``C`` points.
 
     Parameters
@@ -43,6 +43,9 @@ def batched_potential(model, transforms: dict, names, sizes, shapes):
         Constrained -> unconstrained transform per latent site (Pyro's ``initialize_model``).
     names, sizes, shapes :
         Order, number of elements and shape of each latent site in the flat vector ``u``.
+    jacobian : bool
+        Include ``log |d theta / d u|`` (True: the density of ``u``, what a sampler needs;
+        False: the posterior density of ``theta``, whose maximum is the MAP).
 
     Returns
     -------
@@ -67,7 +70,8 @@ def batched_potential(model, transforms: dict, names, sizes, shapes):
             if name in transforms:
                 inv = transforms[name].inv
                 x = inv(v)
-                log_jac = log_jac + inv.log_abs_det_jacobian(v, x).reshape(c, -1).sum(1)
+                if jacobian:
+                    log_jac = log_jac + inv.log_abs_det_jacobian(v, x).reshape(c, -1).sum(1)
                 v = x
             values[name] = v
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace()
@@ -201,14 +205,14 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         if it < warmup:
             eps = _dual_averaging_update(da, accept_prob, target_accept)
             if window_ends and window_ends[0][0] <= it:
-                window.append(v @ scale.T)
+                window.append(v)
             if window_ends and it == window_ends[0][1] - 1:
                 window_ends.pop(0)
-                u = v @ scale.T
-                scale = _preconditioner(torch.cat(window), dense)   # pooled over chains
+                update = _preconditioner(torch.cat(window), dense)   # pooled over chains
                 window = []
-                # the same points in the new coordinates; restart the step-size search
-                v = torch.linalg.solve_triangular(scale, u.T, upper=False).T
+                # u = v @ scale.T is unchanged; new coordinates v' with v = v' @ update.T
+                scale = scale @ update
+                v = torch.linalg.solve_triangular(update, v.T, upper=False).T
                 pot, grad = _value_and_grad(pot_v, v)
                 eps = _initial_step_size(pot_v, v, pot, grad, gen)
                 da = dual_averaging_state(eps)
@@ -243,22 +247,21 @@ def _adaptation_windows(warmup, init=0.15, term=0.1, first=25):
     return windows
 
 
-def _preconditioner(x, dense, shrink=5.0):
-    """Lower-triangular ``L`` with ``L L^T`` the regularised covariance of draws ``x`` (N, D).
-
-    Dense: the sample covariance shrunk towards its diagonal by ``D / (N + D)`` (few draws, many
-    dimensions); then, as in Stan, ``(N / (N + 5)) C + 1e-3 (5 / (N + 5)) I``.
+def _preconditioner(v, dense):
+    """Lower-triangular update ``M`` of the coordinates from warm-up draws ``v`` (N, D) in the
+    current coordinates (where the metric is the identity): ``M M^T`` is their sample covariance
+    shrunk towards the identity by ``D / (N + D)`` -- a few dozen autocorrelated draws in ~80
+    dimensions mis-estimate the extreme eigenvalues badly (Marchenko-Pastur), and the current
+    coordinates (Laplace-whitened, then earlier windows) are already close to right.  Diagonal
+    when ``dense`` is False.
     """
-    n, d = x.shape
-    cov = torch.cov(x.T).reshape(d, d) if n > 1 else torch.eye(d, dtype=x.dtype, device=x.device)
-    if dense:
-        lam = d / (n + d)
-        cov = (1 - lam) * cov + lam * torch.diag(cov.diagonal())
-    else:
+    n, d = v.shape
+    eye = torch.eye(d, dtype=v.dtype, device=v.device)
+    cov = torch.cov(v.T).reshape(d, d) if n > 1 else eye
+    if not dense:
         cov = torch.diag(cov.diagonal())
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    cov = (n / (n + shrink)) * cov + 1e-3 * (shrink / (n + shrink)) * eye
-    return torch.linalg.cholesky(cov)
+    lam = d / (n + d)
+    return torch.linalg.cholesky((1 - lam) * cov + lam * eye)
 
 
 def _initial_step_size(potential, u, pot, grad, gen):

@@ -67,13 +67,20 @@ class Posterior:
         return tuple(np.quantile(x, [(1 - prob) / 2, (1 + prob) / 2]))
 
 
-def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16):
+def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16, passes=2,
+                      secant_step=0.5):
     """Cholesky-like factor L of the inverse Hessian of the potential at ``flat0``.
 
-    The Hessian comes from central differences of autograd gradients (2 D evaluations, ``chunk``
-    of them per batched call; no second derivatives needed), is symmetrised, and its eigenvalues
-    are replaced by their absolute values (a MAP slightly off the optimum can leave small negative
-    ones) floored at ``min_curvature`` (scale <= 10 in unconstrained units).
+    First the Hessian from central differences of autograd gradients with a tiny step (2 D
+    evaluations, ``chunk`` of them per batched call; no second derivatives needed), symmetrised,
+    its eigenvalues replaced by their absolute values (a MAP slightly off the optimum can leave
+    negative ones) floored at ``min_curvature``.  That is the curvature at one point; with
+    bilinear interpolation (deflection table, source pixels) the gradient has kinks and the
+    point curvature can be wrong by factors of 30 in either direction.  So ``passes`` more
+    rounds re-measure it as a secant over ``secant_step`` posterior standard deviations along
+    each axis of the current whitening, ``H_w = (g(x + d L e_i) - g(x - d L e_i)) L / 2d``, and
+    update ``L <- L V |Lambda|^{-1/2}`` from the eigen-decomposition ``H_w = V Lambda V^T``: the
+    curvature a sampler meets over its step, not at a point.
 
     Parameters
     ----------
@@ -81,24 +88,49 @@ def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=1
         ``(N, D) -> (N, D)`` gradients of the potential at N points.
     flat0 : Tensor (D,)
         The MAP in Pyro's unconstrained space.
+    passes : int
+        Secant refinements (0: the point Hessian only).
+    secant_step : float
+        Their half-width, in posterior standard deviations of the current whitening.
 
     Returns
     -------
     Tensor (D, D)
         ``L`` with ``L L^T = |H|^{-1}``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> prec = torch.tensor([[4.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> L = laplace_whitening(lambda x: x @ prec, torch.zeros(2, dtype=torch.float64))
+    >>> torch.allclose(L @ L.T, torch.linalg.inv(prec))
+    True
     """
     d = flat0.numel()
+
+    def hessian(steps):
+        """Symmetrised central-difference Hessian along the columns of ``steps`` (D, D)."""
+        points = torch.cat([flat0 + steps.T, flat0 - steps.T])          # (2D, D)
+        grads = torch.cat([grad_fn(p) for p in torch.split(points, chunk)])
+        hess = (grads[:d] - grads[d:]).T @ torch.linalg.inv(2 * steps)
+        return 0.5 * (hess + hess.T)
+
+    def inverse_sqrt(hess, base):
+        evals, evecs = torch.linalg.eigh(hess)
+        # negative curvature still measures the scale: use |lambda| (Betancourt's SoftAbs idea);
+        # proper priors keep widths O(1), so no scale exceeds 1 / sqrt(min_curvature)
+        evals = evals.abs().clamp_min(max(float(1e-8 * evals.abs().max()), min_curvature))
+        return base @ (evecs / evals.sqrt())
+
     h = rel_step * flat0.abs().clamp_min(1.0)
-    steps = torch.diag(h)
-    points = torch.cat([flat0 + steps, flat0 - steps])            # (2D, D)
-    grads = torch.cat([grad_fn(p) for p in torch.split(points, chunk)])
-    hess = ((grads[:d] - grads[d:]) / (2 * h[:, None])).T
-    hess = 0.5 * (hess + hess.T)
-    evals, evecs = torch.linalg.eigh(hess)
-    # negative curvature (a MAP slightly off the optimum) still measures the scale: use |lambda|
-    # (Betancourt's SoftAbs idea); proper priors keep widths O(1), so no scale exceeds 10
-    evals = evals.abs().clamp_min(max(float(1e-8 * evals.abs().max()), min_curvature))
-    return evecs / evals.sqrt()
+    factor = inverse_sqrt(hessian(torch.diag(h)), torch.eye(d, dtype=flat0.dtype,
+                                                            device=flat0.device))
+    for _ in range(passes):
+        # Hessian in whitened coordinates w (x = flat0 + L w) = L^T H L, measured over +-step
+        steps = secant_step * factor
+        hess_x = hessian(steps)
+        factor = inverse_sqrt(factor.T @ hess_x @ factor, factor)
+    return factor
 
 
 def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=300, chains=4,
