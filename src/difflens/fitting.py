@@ -233,3 +233,66 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
                                 max_tree_depth=max_tree_depth,
                                 progress=progress)
     return LensFit(obs, model, result, post)
+
+
+def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
+               flux_scale="auto", supersample=1, steps=1000, restarts=4, chunk=64, seed=0,
+               dtype=torch.float64, progress=True) -> list:
+    """MAP fits of many observations at once (vectorised; see :func:`difflens.infer.fit_map_batch`).
+
+    All observations must share the grid (shape, pixel scale) and the PSF, as survey cutouts do;
+    their images, noise and masks differ.  One model is built and re-used for every lens
+    (:meth:`LensModel.with_data`), so a thousand lenses share one VAE decoder.
+
+    Parameters
+    ----------
+    observations : list of Observation
+    source, priors, psf_sigma, lens_light, supersample, dtype :
+        As in :func:`build_model`.
+    flux_scale : float or "auto"
+        Centre of the amplitude priors, shared by all lenses; "auto" takes the median of
+        :func:`data_flux_scale` over the observations.
+    steps, restarts : int
+        Adam steps of the final run and restarts per lens (all lenses' restarts run as one batch).
+    chunk : int
+        Lenses (x restarts) per batched likelihood call: bounds memory.
+
+    Returns
+    -------
+    list of LensFit
+        One per observation, MAP only (sample one with :func:`fit_lens` or
+        :func:`difflens.infer.sample_posterior`).
+
+    Examples
+    --------
+    >>> from difflens.datasets.mocks import simulate_mock
+    >>> mocks = [simulate_mock(s, npix=64, pixel_scale=0.12, source="sersic") for s in range(8)]
+    >>> fits = fit_lenses(mocks, source="sersic", steps=600, restarts=2)   # doctest: +SKIP
+    >>> [f.map.lens()["r_ein"] for f in fits]                              # doctest: +SKIP
+    """
+    from .infer import fit_map_batch
+
+    observations = list(observations)
+    if not observations:
+        raise ValueError("fit_lenses needs at least one observation")
+    first = observations[0]
+    for i, obs in enumerate(observations[1:], 1):
+        if obs.shape != first.shape or obs.pixel_scale != first.pixel_scale:
+            raise ValueError(f"observation {i} has grid {obs.shape} at {obs.pixel_scale}\"/px, "
+                             f"observation 0 {first.shape} at {first.pixel_scale}\"/px: "
+                             "fit_lenses needs one grid")
+        same_psf = (obs.psf is None and first.psf is None) or (
+            obs.psf is not None and first.psf is not None and obs.psf.shape == first.psf.shape
+            and np.array_equal(obs.psf, first.psf))
+        if not same_psf:
+            raise ValueError(f"observation {i} has a different PSF from observation 0")
+    if flux_scale == "auto":
+        flux_scale = float(np.median([data_flux_scale(o) for o in observations]))
+    model = build_model(first, source=source, priors=priors, psf_sigma=psf_sigma,
+                        lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
+                        dtype=dtype)
+    models = [model] + [model.with_data(o.image, o.noise_sigma, o.mask)
+                        for o in observations[1:]]
+    results = fit_map_batch(models, steps=steps, restarts=restarts, chunk=chunk, seed=seed,
+                            progress=progress)
+    return [LensFit(o, m, r) for o, m, r in zip(observations, models, results)]

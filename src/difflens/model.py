@@ -303,24 +303,12 @@ class LensModel:
     def __init__(self, data, noise_sigma, simulator: Simulator, source="sersic", priors=None,
                  mask=None):
         dtype, device = simulator.x.dtype, simulator.x.device
-        data = torch.as_tensor(data, dtype=dtype, device=device)
-        if data.shape != simulator.npix:
-            raise ValueError(f"data shape {tuple(data.shape)} does not match the simulator grid "
-                             f"{simulator.npix}")
-        if not torch.isfinite(data).all():
-            raise ValueError("data contain non-finite pixels; mask them or replace them")
-        sigma = torch.as_tensor(noise_sigma, dtype=dtype, device=device)
-        if sigma.ndim not in (0, 2) or (sigma.ndim == 2 and sigma.shape != data.shape):
-            raise ValueError(f"noise map shape {tuple(sigma.shape)} does not match the data "
-                             f"{tuple(data.shape)}")
-        if not torch.isfinite(sigma).all() or (sigma <= 0).any():
-            raise ValueError("noise_sigma must be finite and positive")
+        self.simulator = simulator
         if mask is not None:
             mask = torch.as_tensor(mask, dtype=torch.bool, device=device)
-            if mask.shape != data.shape:
-                raise ValueError(f"mask shape {tuple(mask.shape)} does not match the data")
-        self.data, self.noise_sigma, self.mask = data, sigma, mask
-        self.simulator = simulator
+        self.data, self.noise_sigma, self.mask = self._checked(
+            torch.as_tensor(data, dtype=dtype, device=device),
+            torch.as_tensor(noise_sigma, dtype=dtype, device=device), mask)
         self.source_kind = "sersic" if isinstance(source, str) and source == "sersic" else "vae"
         if self.source_kind == "vae":
             if isinstance(source, str):
@@ -330,7 +318,7 @@ class LensModel:
             base = source.prior.distribution(dtype=dtype, device=device)
             self.z_prior = dist.MultivariateNormal(base.loc, scale_tril=base.scale_tril)
         self.priors = priors or Priors.default(self.source_kind)
-        self.n_pixels = int(mask.sum()) if mask is not None else data.numel()
+        self.n_pixels = int(self.mask.sum()) if self.mask is not None else self.data.numel()
 
     @classmethod
     def stack(cls, models, repeat=1) -> "LensModel":
@@ -346,7 +334,8 @@ class LensModel:
         Parameters
         ----------
         models : list of LensModel
-            Same grid, PSF, source, priors and lens light (only data, noise and mask differ).
+            Same grid, PSF, source and the same ``Priors`` object: only data, noise and mask
+            differ (build them with :meth:`with_data`).
         repeat : int
 
         Examples
@@ -354,7 +343,8 @@ class LensModel:
         >>> import torch
         >>> from difflens.simulate import Simulator
         >>> sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
-        >>> a, b = (LensModel(torch.full((16, 16), v), 0.1, sim) for v in (0.0, 1.0))
+        >>> a = LensModel(torch.zeros(16, 16), 0.1, sim)
+        >>> b = a.with_data(torch.ones(16, 16), 0.2)
         >>> LensModel.stack([a, b], repeat=3).data.shape
         torch.Size([6, 16, 16])
         """
@@ -368,8 +358,10 @@ class LensModel:
                                or a.supersample != b.supersample or a.psf.shape != b.psf.shape
                                or not torch.equal(a.psf, b.psf)):
                 raise ValueError("stacked models must share the pixel grid and the PSF")
-            if m.source_kind != first.source_kind or set(m.all_priors()) != set(first.all_priors()):
-                raise ValueError("stacked models must have the same source kind and sites")
+            if m.priors is not first.priors or m.source_kind != first.source_kind or (
+                    m.source_kind == "vae" and m.vae is not first.vae):
+                raise ValueError("stacked models must share one Priors object and one source "
+                                 "(build them with LensModel.with_data)")
             if (m.mask is None) != (first.mask is None):
                 raise ValueError("either all stacked models have a mask or none has")
         out = copy.copy(first)
@@ -381,6 +373,47 @@ class LensModel:
         out.noise_sigma = batch([m.noise_sigma.expand_as(m.data) for m in models])
         out.mask = batch([m.mask for m in models]) if first.mask is not None else None
         return out
+
+    def with_data(self, data, noise_sigma, mask=None) -> "LensModel":
+        """The same model (grid, PSF, source network, priors -- shared, not copied) for another
+        observation: ``data`` (ny, nx), ``noise_sigma`` (scalar or (ny, nx)), optional ``mask``.
+        Cheap, so thousands of lenses can share one VAE decoder.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from difflens.simulate import Simulator
+        >>> sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
+        >>> a = LensModel(torch.zeros(16, 16), 0.1, sim)
+        >>> b = a.with_data(torch.ones(16, 16), 0.05)
+        >>> b.simulator is a.simulator, b.priors is a.priors, float(b.noise_sigma)
+        (True, True, 0.05)
+        """
+        fresh = copy.copy(self)
+        dtype, device = self.simulator.x.dtype, self.simulator.x.device
+        data = torch.as_tensor(data, dtype=dtype, device=device)
+        sigma = torch.as_tensor(noise_sigma, dtype=dtype, device=device)
+        if mask is not None:
+            mask = torch.as_tensor(mask, dtype=torch.bool, device=device)
+        fresh.data, fresh.noise_sigma, fresh.mask = self._checked(data, sigma, mask)
+        fresh.n_pixels = int(fresh.mask.sum()) if fresh.mask is not None else data.numel()
+        return fresh
+
+    def _checked(self, data, sigma, mask):
+        """Validate an observation against the grid: shapes, finite data, positive noise."""
+        if data.shape != self.simulator.npix:
+            raise ValueError(f"data shape {tuple(data.shape)} does not match the simulator grid "
+                             f"{self.simulator.npix}")
+        if not torch.isfinite(data).all():
+            raise ValueError("data contain non-finite pixels; mask them or replace them")
+        if sigma.ndim not in (0, 2) or (sigma.ndim == 2 and sigma.shape != data.shape):
+            raise ValueError(f"noise map shape {tuple(sigma.shape)} does not match the data "
+                             f"{tuple(data.shape)}")
+        if not torch.isfinite(sigma).all() or (sigma <= 0).any():
+            raise ValueError("noise_sigma must be finite and positive")
+        if mask is not None and mask.shape != data.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the data")
+        return data, sigma, mask
 
     @property
     def lens_sites(self):

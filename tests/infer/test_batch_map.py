@@ -18,8 +18,9 @@ SRC = dict(amp=2.0, r_e=0.2, n=1.2, q=0.7, phi=0.8, x0=0.06, y0=0.03)
 
 
 def _models(sim, noise):
-    return [LensModel(sim.image(lens, Sersic(**SRC)), noise, sim, source="sersic")
-            for lens in LENSES]
+    images = [sim.image(lens, Sersic(**SRC)) for lens in LENSES]
+    first = LensModel(images[0], noise, sim, source="sersic")
+    return [first] + [first.with_data(image, noise) for image in images[1:]]
 
 
 def test_stacked_potential_equals_each_lens_alone():
@@ -60,6 +61,12 @@ def test_stack_and_batch_reject_bad_input():
     b = LensModel(torch.zeros(24, 24), 0.1, other, source="sersic")
     with pytest.raises(ValueError, match="pixel grid"):
         LensModel.stack([a, b])
+    with pytest.raises(ValueError, match="one Priors"):
+        LensModel.stack([a, LensModel(torch.zeros(20, 20), 0.1, sim, source="sersic")])
+    with pytest.raises(ValueError, match="does not match"):
+        a.with_data(torch.zeros(24, 24), 0.1)
+    with pytest.raises(ValueError, match="positive"):
+        a.with_data(torch.zeros(20, 20), -0.1)
     with pytest.raises(ValueError, match="at least one"):
         LensModel.stack([])
     with pytest.raises(ValueError, match="at least one"):
