@@ -263,9 +263,10 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
         raise ValueError("steps and restarts must be >= 1")
     z_init = {}
     if model.source_kind == "vae":
-        z_init["z"] = model.z_prior.mean
+        z_init["z"] = model.z_prior.mean.clone()
     best = None
     restart_losses = []
+    pyro.set_rng_seed(seed)      # prior draws for the restarts: the same whatever ran before
     guess = initialise(model) if data_guess else {}
     gen = torch.Generator().manual_seed(seed)
     # with lens light, the restarts search mass and source with the light held at its initial
@@ -282,6 +283,9 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
             values.update(_restart_values(model, guess, gen, jitter=r > 0))
         if guess or (r == 0 and init is not None):
             values = _complete(model, values)
+        # copies: the optimiser updates its parameters in place, and these tensors may be the
+        # caller's (init) or the model's own (the latent prior mean)
+        values = {k: torch.as_tensor(v).detach().clone() for k, v in values.items()}
         fn = init_to_value(values=values, fallback=init_to_sample)
         vals, losses = _run(searched, fn, restart_steps, lr, 0.5, 0.0, window, progress,
                             f"MAP restart {r + 1}/{restarts}", seed + r)
@@ -392,7 +396,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
         for r in range(restarts):
             values = _restart_values(m, guess, gen, jitter=r > 0)
             if m.source_kind == "vae":
-                values["z"] = m.z_prior.mean
+                values["z"] = m.z_prior.mean.clone()
             starts.append(flatten(_complete(m, values)))
     u = torch.stack(starts)                                        # (n_lens * restarts, D)
 

@@ -1,0 +1,102 @@
+"""Cost of one likelihood value + gradient of the full lens model vs image size and batch size.
+
+The inner loop of every MAP step and every HMC leapfrog step is one batched evaluation of the
+negative log posterior of a :class:`difflens.model.LensModel` and its gradient w.r.t. all
+parameters (SPLE + shear + source; with the VAE source, 76 parameters per lens).  Here: a mock
+with the shipped VAE source (or a Sersic source), Gaussian PSF 0.05", float64 and float32; median
+milliseconds per call and per lens, for
+
+* image sizes 64^2 .. 512^2 (field 10.24" throughout, batch 1), and
+* batch sizes 1 .. 256 at 128^2 and 256^2 (``LensModel.stack``: B lenses, one call).
+
+    python benchmarks/batch_scaling.py [--source vae] [--runs 5] [--device cpu] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import header, median_ms  # noqa: E402
+
+from difflens.datasets.mocks import simulate_mock  # noqa: E402
+from difflens.fitting import build_model  # noqa: E402
+from difflens.infer.hmc import batched_potential  # noqa: E402
+from difflens.model import LensModel  # noqa: E402
+
+
+def potential_for(model, batch):
+    from pyro.infer.autoguide.initialization import init_to_median
+    from pyro.infer.mcmc.util import initialize_model
+
+    params, _, transforms, _ = initialize_model(model, init_strategy=init_to_median)
+    names = list(params)
+    sizes = [params[n].numel() for n in names]
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    stacked = LensModel.stack([model], repeat=batch)
+    pot = batched_potential(stacked, transforms, names, sizes, shapes)
+    gen = torch.Generator().manual_seed(0)
+    u = flat + 0.01 * torch.randn(batch, flat.numel(), generator=gen, dtype=flat.dtype)
+    return pot, u
+
+
+def time_call(model, batch, runs, device):
+    pot, u = potential_for(model, batch)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def value_and_grad():
+        x = u.detach().requires_grad_(True)
+        torch.autograd.grad(pot(x).sum(), x)
+        sync()
+
+    return median_ms(value_and_grad, runs=runs, warmup=1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", choices=("vae", "sersic"), default="vae")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    ap.add_argument("--batch-npix", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    info = header(device)
+    rows = []
+    for dname in args.dtypes:
+        dtype = getattr(torch, dname)
+
+        def model_at(npix):
+            obs = simulate_mock(1, npix=npix, pixel_scale=10.24 / npix, source=args.source)
+            return build_model(obs, source=args.source, dtype=dtype)
+
+        for npix in args.sizes:
+            ms = time_call(model_at(npix), 1, args.runs, device)
+            rows.append(dict(dtype=dname, npix=npix, batch=1, ms=ms, ms_per_lens=ms))
+            print(json.dumps(rows[-1]), flush=True)
+        for npix in args.batch_npix:
+            model = model_at(npix)
+            for batch in args.batches:
+                try:
+                    ms = time_call(model, batch, args.runs, device)
+                except (RuntimeError, MemoryError) as err:      # out of memory
+                    print(f"{dname} {npix} batch {batch}: {type(err).__name__}", flush=True)
+                    break
+                rows.append(dict(dtype=dname, npix=npix, batch=batch, ms=ms,
+                                 ms_per_lens=ms / batch))
+                print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(info=info, source=args.source, rows=rows),
+                                             indent=1))
+
+
+if __name__ == "__main__":
+    main()
