@@ -17,7 +17,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 from difflens.datasets.mocks import NOISE_LEVELS, simulate_mock  # noqa: E402
 from difflens.fitting import fit_lens  # noqa: E402
