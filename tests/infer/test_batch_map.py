@@ -73,3 +73,18 @@ def test_stack_and_batch_reject_bad_input():
         fit_map_batch([])
     with pytest.raises(ValueError, match=">= 1"):
         fit_map_batch([a], steps=0)
+
+
+def test_fit_lenses_needs_one_grid_and_psf():
+    from difflens.datasets.mocks import simulate_mock
+    from difflens.fitting import fit_lenses
+
+    a = simulate_mock(0, npix=32, pixel_scale=0.15, source="sersic")
+    b = simulate_mock(1, npix=40, pixel_scale=0.15, source="sersic")
+    c = simulate_mock(2, npix=32, pixel_scale=0.15, psf_sigma=0.1, source="sersic")
+    with pytest.raises(ValueError, match="one grid"):
+        fit_lenses([a, b], source="sersic")
+    with pytest.raises(ValueError, match="different PSF"):
+        fit_lenses([a, c], source="sersic")
+    with pytest.raises(ValueError, match="at least one"):
+        fit_lenses([], source="sersic")
