@@ -25,21 +25,14 @@ from _common import header, median_ms  # noqa: E402
 
 from difflens.datasets.mocks import simulate_mock  # noqa: E402
 from difflens.fitting import build_model  # noqa: E402
-from difflens.infer.hmc import batched_potential  # noqa: E402
+from difflens.infer.hmc import FlatSites  # noqa: E402
 from difflens.model import LensModel  # noqa: E402
 
 
 def potential_for(model, batch):
-    from pyro.infer.autoguide.initialization import init_to_median
-    from pyro.infer.mcmc.util import initialize_model
-
-    params, _, transforms, _ = initialize_model(model, init_strategy=init_to_median)
-    names = list(params)
-    sizes = [params[n].numel() for n in names]
-    shapes = [params[n].shape for n in names]
-    flat = torch.cat([params[n].reshape(-1) for n in names])
-    stacked = LensModel.stack([model], repeat=batch)
-    pot = batched_potential(stacked, transforms, names, sizes, shapes)
+    space = FlatSites(model)
+    flat = space.start
+    pot = space.potential(LensModel.stack([model], repeat=batch))
     gen = torch.Generator().manual_seed(0)
     u = flat + 0.01 * torch.randn(batch, flat.numel(), generator=gen, dtype=flat.dtype)
     return pot, u

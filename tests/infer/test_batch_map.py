@@ -6,7 +6,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.mcmc.util import initialize_model
 
 from difflens.infer import fit_map_batch
-from difflens.infer.hmc import batched_potential
+from difflens.infer.hmc import FlatSites
 from difflens.model import LensModel
 from difflens.simulate import Simulator
 from difflens.sources import Sersic
@@ -26,19 +26,17 @@ def _models(sim, noise):
 def test_stacked_potential_equals_each_lens_alone():
     sim = Simulator(npix=20, pixel_scale=0.15, psf_sigma=0.1, dtype=torch.float64)
     models = _models(sim, 0.05)
-    params, _, transforms, _ = initialize_model(models[0], init_strategy=init_to_median)
-    names = list(params)
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    flat = torch.cat([params[n].reshape(-1) for n in names])
+    space = FlatSites(models[0])
     g = torch.Generator().manual_seed(0)
-    u = flat + 0.3 * torch.randn(6, flat.numel(), generator=g, dtype=flat.dtype)
+    u = space.start + 0.3 * torch.randn(6, space.start.numel(), generator=g,
+                                        dtype=space.start.dtype)
     stacked = LensModel.stack(models, repeat=2)                  # rows: lens 0, 0, 1, 1, 2, 2
-    batched = batched_potential(stacked, transforms, names, sizes, shapes)(u)
+    batched = space.potential(stacked)(u)
+    sites = space.unconstrained(u)
     for row in range(6):
         alone = initialize_model(models[row // 2], init_strategy=init_to_median)[1]
-        sites = {n: c.reshape(s) for n, c, s in zip(names, torch.split(u[row], sizes), shapes)}
-        assert float(batched[row]) == pytest.approx(float(alone(sites)), rel=1e-10)
+        assert float(batched[row]) == pytest.approx(
+            float(alone({n: v[row] for n, v in sites.items()})), rel=1e-10)
 
 
 def test_batched_map_recovers_noiseless_lenses():

@@ -7,7 +7,7 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.mcmc.util import initialize_model
 
-from difflens.infer.hmc import batched_potential, hmc
+from difflens.infer.hmc import FlatSites, hmc
 from difflens.model import LensModel, Priors
 from difflens.simulate import Simulator
 from difflens.sources import Sersic
@@ -19,18 +19,17 @@ def test_batched_potential_equals_pyro_potential_chain_by_chain():
                      Sersic(amp=1.0, r_e=0.2, n=1.0))
     model = LensModel(data, 0.05, sim, source="sersic",
                       priors=Priors.default("sersic", lens_light=1))
-    params, pyro_potential, transforms, _ = initialize_model(model, init_strategy=init_to_median)
-    names = list(params)
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    flat = torch.cat([params[n].reshape(-1) for n in names])
+    pyro_potential = initialize_model(model, init_strategy=init_to_median)[1]
+    space = FlatSites(model)
     g = torch.Generator().manual_seed(0)
-    u = flat + 0.3 * torch.randn(6, flat.numel(), generator=g, dtype=flat.dtype)
-    batched = batched_potential(model, transforms, names, sizes, shapes)(u)
+    u = space.start + 0.3 * torch.randn(6, space.start.numel(), generator=g,
+                                        dtype=space.start.dtype)
+    batched = space.potential(model)(u)
     assert batched.shape == (6,)
-    for row, value in zip(u, batched):
-        sites = {n: c.reshape(s) for n, c, s in zip(names, torch.split(row, sizes), shapes)}
-        assert float(value) == pytest.approx(float(pyro_potential(sites)), rel=1e-10)
+    sites = space.unconstrained(u)
+    for row, value in enumerate(batched):
+        assert float(value) == pytest.approx(
+            float(pyro_potential({n: v[row] for n, v in sites.items()})), rel=1e-10)
 
 
 def test_hmc_draws_match_an_anisotropic_correlated_gaussian():

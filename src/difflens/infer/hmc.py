@@ -31,6 +31,84 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 
+class FlatSites:
+    """The latent sites of a Pyro model laid out as one flat unconstrained vector per row.
+
+    Samplers and optimisers over many lenses or chains work on a matrix ``u`` of shape ``(N, D)``:
+    each row is every latent site of the model, mapped to Pyro's unconstrained space (e.g.
+    ``log r_ein``) and flattened in a fixed order.  This object holds that order and the
+    transforms, and converts both ways.
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model (e.g. :class:`difflens.model.LensModel`).
+    init_strategy : callable, optional
+        Pyro initialisation strategy giving the starting point :attr:`start` (default: prior
+        medians).
+
+    Attributes
+    ----------
+    names, sizes, shapes : list
+        Site names in order, number of elements and shape of each site.
+    transforms : dict of str -> Transform
+        Constrained -> unconstrained transform per site (from Pyro's ``initialize_model``).
+    start : Tensor (D,)
+        The initial point, unconstrained and flattened.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from difflens.model import LensModel
+    >>> from difflens.simulate import Simulator
+    >>> from difflens.sources import Sersic
+    >>> sim = Simulator(npix=16, pixel_scale=0.2, psf_sigma=0.1)
+    >>> lens = dict(r_ein=1.0, q=0.8, phi=0.3, gamma=2.0, x0=0.0, y0=0.0, g1=0.0, g2=0.0)
+    >>> model = LensModel(sim.image(lens, Sersic(amp=1.0, r_e=0.2, n=1.0)), 0.05, sim,
+    ...                   source="sersic")
+    >>> space = FlatSites(model)
+    >>> u = space.start.expand(3, -1)              # three identical rows
+    >>> space.potential(model)(u).shape
+    torch.Size([3])
+    >>> space.constrained(u)["r_ein"].shape
+    torch.Size([3])
+    """
+
+    def __init__(self, model, init_strategy=None):
+        from pyro.infer.autoguide.initialization import init_to_median
+        from pyro.infer.mcmc.util import initialize_model
+
+        params, _, self.transforms, _ = initialize_model(
+            model, init_strategy=init_strategy or init_to_median)
+        self.names = list(params)
+        self.shapes = [params[n].shape for n in self.names]
+        self.sizes = [int(params[n].numel()) for n in self.names]
+        self.start = torch.cat([params[n].detach().reshape(-1) for n in self.names])
+
+    def potential(self, model, jacobian=True):
+        """:func:`batched_potential` of ``model`` (same sites) in this layout."""
+        return batched_potential(model, self.transforms, self.names, self.sizes, self.shapes,
+                                 jacobian=jacobian)
+
+    def flatten(self, values: dict) -> torch.Tensor:
+        """Constrained site values (one parameter set) -> unconstrained flat vector (D,)."""
+        parts = []
+        for k in self.names:
+            v = torch.as_tensor(values[k], dtype=self.start.dtype, device=self.start.device)
+            parts.append((self.transforms[k](v) if k in self.transforms else v).reshape(-1))
+        return torch.cat(parts)
+
+    def unconstrained(self, u: torch.Tensor) -> dict:
+        """Rows ``u`` (N, D) -> unconstrained site tensors of shape (N, *site_shape)."""
+        return {n: c.reshape(u.shape[0], *sh)
+                for n, c, sh in zip(self.names, torch.split(u, self.sizes, dim=1), self.shapes)}
+
+    def constrained(self, u: torch.Tensor) -> dict:
+        """Rows ``u`` (N, D) -> site values in their natural units, shape (N, *site_shape)."""
+        return {n: (self.transforms[n].inv(v) if n in self.transforms else v)
+                for n, v in self.unconstrained(u).items()}
+
+
 def batched_potential(model, transforms: dict, names, sizes, shapes, jacobian=True):
     """Return ``potential(u) -> (C,)``, the negative log joint of ``model`` at ``C`` points.
 

@@ -365,9 +365,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
     >>> results = fit_map_batch(models, steps=600, restarts=2)     # doctest: +SKIP
     >>> [r.reduced_chi2 for r in results]                          # doctest: +SKIP
     """
-    from pyro.infer.mcmc.util import initialize_model
-
-    from .hmc import batched_potential
+    from .hmc import FlatSites
 
     models = list(models)
     if not models:
@@ -378,17 +376,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
     pyro.set_rng_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     template = models[0]
-    init_params, _, transforms, _ = initialize_model(template)
-    names = list(init_params)
-    shapes = [init_params[k].shape for k in names]
-    sizes = [int(init_params[k].numel()) for k in names]
-
-    def flatten(values):
-        parts = []
-        for k in names:
-            v = torch.as_tensor(values[k], dtype=template.data.dtype, device=template.data.device)
-            parts.append((transforms[k](v) if k in transforms else v).reshape(-1))
-        return torch.cat(parts)
+    space = FlatSites(template)
 
     starts = []
     for m in models:
@@ -397,7 +385,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
             values = _restart_values(m, guess, gen, jitter=r > 0)
             if m.source_kind == "vae":
                 values["z"] = m.z_prior.mean.clone()
-            starts.append(flatten(_complete(m, values)))
+            starts.append(space.flatten(_complete(m, values)))
     u = torch.stack(starts)                                        # (n_lens * restarts, D)
 
     def objective(stacked):
@@ -406,7 +394,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
             sub = copy.copy(stacked)
             sub.data, sub.noise_sigma = stacked.data[rows], stacked.noise_sigma[rows]
             sub.mask = stacked.mask[rows] if stacked.mask is not None else None
-            return batched_potential(sub, transforms, names, sizes, shapes, jacobian=False)
+            return space.potential(sub, jacobian=False)
         return rows_potential
 
     losses, u = _adam_rows(objective(LensModel.stack(models, repeat=restarts)), u,
@@ -419,13 +407,10 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
                            chunk, progress, "MAP (batched)")
     if polish_steps:
         u = _polish_rows(final_objective, u, polish_steps, chunk)
-    from .mcmc import unflatten_batch
-
-    sites = unflatten_batch(u, names, sizes, shapes)
+    sites = space.constrained(u)
     results = []
     for i, m in enumerate(models):
-        values = {k: (transforms[k].inv(v[i]) if k in transforms else v[i]).detach()
-                  for k, v in sites.items()}
+        values = {k: v[i].detach() for k, v in sites.items()}
         history = losses[:, i]
         results.append(summarise_map(m, values, history[np.isfinite(history)],
                                      final[i].tolist()))

@@ -182,21 +182,15 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     >>> post = sample_posterior(model, result.sample_sites(), num_samples=200, chains=4)  # doctest: +SKIP
     >>> post.summary()["r_ein"], post.interval("gamma", 0.95)                           # doctest: +SKIP
     """
-    from pyro.infer.mcmc.util import initialize_model
-
-    from .hmc import batched_potential, hmc
+    from .hmc import FlatSites, hmc
 
     if chains < 1 or num_samples < 1:
         raise ValueError("chains and num_samples must be >= 1")
     if method not in ("hmc", "nuts"):
         raise ValueError(f"method must be 'hmc' or 'nuts', got {method!r}")
-    init_params, potential_fn, transforms, _ = initialize_model(
-        model, init_strategy=init_to_value(values=init))
-    names = list(init_params)
-    shapes = [init_params[n].shape for n in names]
-    sizes = [int(init_params[n].numel()) for n in names]
-    flat0 = torch.cat([init_params[n].detach().reshape(-1) for n in names])
-    batched = batched_potential(model, transforms, names, sizes, shapes)
+    space = FlatSites(model, init_strategy=init_to_value(values=init))
+    flat0 = space.start
+    batched = space.potential(model)
 
     def grad_fn(v):
         v = v.detach().requires_grad_(True)
@@ -220,11 +214,9 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
                                      (not whiten) if adapt_mass_matrix is None
                                      else adapt_mass_matrix, progress)
                          for c in range(chains)])
-    unc = flat0 + u.reshape(-1, d) @ factor.T
-    sites = unflatten_batch(unc, names, sizes, shapes)
-    # initialize_model's transforms map constrained -> unconstrained: invert them
-    posterior = {n: (transforms[n].inv(v) if n in transforms else v).detach().cpu().numpy()
-                 .reshape(chains, num_samples, *v.shape[1:]) for n, v in sites.items()}
+    sites = space.constrained(flat0 + u.reshape(-1, d) @ factor.T)
+    posterior = {n: v.detach().cpu().numpy().reshape(chains, num_samples, *v.shape[1:])
+                 for n, v in sites.items()}
     return _posterior_from_draws(model, init, posterior, chains)
 
 
@@ -278,9 +270,3 @@ def _posterior_from_draws(model, init, posterior, chains) -> Posterior:
             f"{k} (R-hat {rhat[k]:.3f}, ESS {ess[k]:.0f})" for k in bad)
             + "; run longer chains or more warmup", RuntimeWarning, stacklevel=3)
     return Posterior(idata=idata, rhat=rhat, ess=ess)
-
-
-def unflatten_batch(flat, names, sizes, shapes):
-    """Split (N, D) unconstrained draws into per-site tensors of shape (N, *site_shape)."""
-    return {n: c.reshape(flat.shape[0], *sh)
-            for n, c, sh in zip(names, torch.split(flat, sizes, dim=1), shapes)}
