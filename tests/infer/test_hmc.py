@@ -63,6 +63,35 @@ def test_hmc_draws_match_an_anisotropic_correlated_gaussian():
     assert 0.6 < float(stats["accept"].mean()) < 0.95
 
 
+def test_hmc_groups_adapt_one_preconditioner_per_posterior():
+    # two independent targets in one batch, scales 100x apart: a pooled metric would fit neither
+    d = 3
+    sd = torch.tensor([[0.05, 0.1, 0.02], [5.0, 2.0, 8.0]], dtype=torch.float64)
+    mean = torch.tensor([[1.0, 0.0, -1.0], [10.0, -20.0, 5.0]], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+
+    def potential(u):
+        return 0.5 * (((u - mean[groups]) / sd[groups]) ** 2).sum(1)
+
+    u0 = mean[groups] + sd[groups] * torch.randn(6, d, generator=torch.Generator().manual_seed(2),
+                                                 dtype=torch.float64)
+    draws, stats = hmc(potential, u0, num_samples=800, warmup=300, groups=groups, seed=1,
+                       progress=False)
+    assert stats["scale"].shape == (2, d, d)
+    for g in range(2):
+        x = draws[groups == g].numpy()                             # (3, 800, d)
+        ess = np.array([float(az.ess(x[..., i])) for i in range(d)])
+        assert (ess > 200).all(), (g, ess)
+        flat = torch.as_tensor(x.reshape(-1, d))
+        se = sd[g] / torch.tensor(ess).sqrt()
+        assert ((flat.mean(0) - mean[g]).abs() < 5 * se).all(), (g, flat.mean(0))
+        # the sd of a sample sd is about sd / sqrt(2 n_eff)
+        assert ((flat.std(0) / sd[g] - 1).abs() < 4 / np.sqrt(2 * ess.min())).all(), \
+            (g, flat.std(0))
+    with pytest.raises(ValueError, match="groups"):
+        hmc(potential, u0, groups=torch.tensor([0, 1]), progress=False)
+
+
 def test_hmc_rejects_bad_input():
     pot = lambda u: 0.5 * (u * u).sum(1)                     # noqa: E731
     with pytest.raises(ValueError, match="target_accept"):

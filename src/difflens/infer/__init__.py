@@ -1,5 +1,7 @@
-"""Inference on a :class:`difflens.model.LensModel`: MAP (Adam) and posterior sampling (NUTS)."""
+"""Inference on a :class:`difflens.model.LensModel`: MAP (Adam) and posterior sampling (HMC/NUTS),
+one lens or many lenses in one batch."""
 from .map import MAPResult, fit_map, fit_map_batch
-from .mcmc import Posterior, sample_posterior
+from .mcmc import Posterior, sample_posterior, sample_posterior_batch
 
-__all__ = ["fit_map", "fit_map_batch", "MAPResult", "sample_posterior", "Posterior"]
+__all__ = ["fit_map", "fit_map_batch", "MAPResult", "sample_posterior", "sample_posterior_batch",
+           "Posterior"]

@@ -186,7 +186,7 @@ def _safe(potential):
 
 
 def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_length=1.5,
-        max_steps=64, dense=True, seed=0, progress=True, desc="HMC"):
+        max_steps=64, dense=True, groups=None, seed=0, progress=True, desc="HMC"):
     """Run ``C`` HMC chains at once from ``u0`` (shape ``(C, D)``).
 
     Parameters
@@ -206,8 +206,12 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     max_steps : int
         Cap on leapfrog steps per iteration (guards against a collapsed step size).
     dense : bool
-        Adapt a dense preconditioner (covariance of the pooled warm-up draws, shrunk towards its
-        diagonal when draws are few) rather than a diagonal one.
+        Adapt a dense preconditioner (within-chain covariance of the warm-up draws, shrunk
+        towards the current metric when draws are few) rather than a diagonal one.
+    groups : LongTensor (C,), optional
+        Which posterior each chain samples (0 .. G-1), e.g. the lens of each chain when many
+        lenses run in one batch: the preconditioner is adapted per group from that group's
+        chains only.  Default: all chains sample one posterior.
     seed : int
     progress : bool
         Progress bar (with the current mean acceptance and step size).
@@ -218,14 +222,15 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     stats : dict
         ``accept`` (C, num_samples) acceptance probabilities, ``step_size`` (C,),
         ``n_steps`` (num_samples,) leapfrog steps, ``divergent`` (C, num_samples) bool, and
-        ``scale`` (D, D) the adapted preconditioner (``u = v @ scale.T``, v sampled with unit
-        mass).
+        ``scale`` (G, D, D) the adapted preconditioner of each group (``u = scale[g] @ v`` for
+        a chain of group g, v sampled with unit mass), ``rejected_updates`` the number of
+        window updates kept back because they made the step size 4x smaller.
 
     Notes
     -----
     Warm-up follows Stan's schedule: 15% step-size search, then adaptation windows of doubling
-    length (25, 50, ...) after each of which the covariance of the pooled draws of all chains
-    re-scales the coordinates and the step-size search restarts, then 10% step size only.
+    length (25, 50, ...) after each of which the covariance of the pooled draws of each group's
+    chains re-scales that group's coordinates and the step-size search restarts, then 10% step size only.
     """
     if not 0 < target_accept < 1:
         raise ValueError(f"target_accept must lie in (0, 1), got {target_accept}")
@@ -233,14 +238,24 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         raise ValueError("num_samples must be >= 1 and warmup >= 0")
     if u0.ndim != 2:
         raise ValueError(f"u0 must have shape (chains, dim), got {tuple(u0.shape)}")
+    c, d = u0.shape
+    if groups is None:
+        groups = torch.zeros(c, dtype=torch.long, device=u0.device)
+    groups = torch.as_tensor(groups, dtype=torch.long, device=u0.device)
+    if groups.shape != (c,) or int(groups.min()) < 0:
+        raise ValueError(f"groups must hold one group index >= 0 per chain, shape ({c},), "
+                         f"got shape {tuple(groups.shape)}")
+    n_groups = int(groups.max()) + 1
     gen = torch.Generator(device=u0.device).manual_seed(seed)
     potential = _safe(potential)
-    c, d = u0.shape
     kw = dict(dtype=u0.dtype, device=u0.device)
-    scale = torch.eye(d, **kw)                    # u = v @ scale.T; v has unit mass
+    scale = torch.eye(d, **kw).expand(n_groups, d, d).clone()   # u = scale[g] @ v; unit mass
+
+    def to_u(v):
+        return torch.einsum("cij,cj->ci", scale[groups], v)
 
     def pot_v(v):
-        return potential(v @ scale.T)
+        return potential(to_u(v))
 
     v = u0.detach().clone()
     pot, grad = _value_and_grad(pot_v, v)
@@ -249,6 +264,7 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                          f"{torch.nonzero(~torch.isfinite(pot)).reshape(-1).tolist()}")
     window_ends = _adaptation_windows(warmup)
     window = []
+    rejected_updates = 0
 
     def dual_averaging_state(eps):
         return dict(mu=torch.log(10 * eps), log_eps_bar=torch.zeros(c, **kw),
@@ -286,18 +302,34 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                 window.append(v)
             if window_ends and it == window_ends[0][1] - 1:
                 window_ends.pop(0)
-                update = _preconditioner(torch.cat(window), dense)   # pooled over chains
+                drawn = torch.stack(window)                          # (iterations, C, D)
                 window = []
-                # u = v @ scale.T is unchanged; new coordinates v' with v = v' @ update.T
-                scale = scale @ update
-                v = torch.linalg.solve_triangular(update, v.T, upper=False).T
+                old_scale, old_v = scale.clone(), v.clone()
+                old_eps = _initial_step_size(pot_v, v, pot, grad, gen)
+                for g in range(n_groups):                            # pooled over its chains
+                    rows = groups == g
+                    update = _preconditioner(drawn[:, rows], dense)
+                    # u = scale v is unchanged; new coordinates v' with v = update v'
+                    scale[g] = scale[g] @ update
+                    v[rows] = torch.linalg.solve_triangular(update, v[rows].T, upper=False).T
                 pot, grad = _value_and_grad(pot_v, v)
                 eps = _initial_step_size(pot_v, v, pot, grad, gen)
+                # a metric under which one leapfrog step must be 4x shorter fits worse than the
+                # old one (e.g. draws from chains still drifting): keep the old one
+                worse = [g for g in range(n_groups) if float(eps[groups == g].median())
+                         < 0.25 * float(old_eps[groups == g].median())]
+                if worse:
+                    for g in worse:
+                        rows = groups == g
+                        scale[g], v[rows] = old_scale[g], old_v[rows]
+                    pot, grad = _value_and_grad(pot_v, v)
+                    eps = _initial_step_size(pot_v, v, pot, grad, gen)
+                    rejected_updates += len(worse)
                 da = dual_averaging_state(eps)
             if it == warmup - 1:
                 eps = da["log_eps_bar"].exp()
         else:
-            draws.append(v @ scale.T)
+            draws.append(to_u(v))
             accepts.append(accept_prob)
             divergent.append(~torch.isfinite(h1) | (h1 - h0 > 1000.0))
             n_steps_kept.append(n_steps)
@@ -306,7 +338,7 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     bar.close()
     stats = dict(accept=torch.stack(accepts, 1), step_size=eps,
                  n_steps=torch.tensor(n_steps_kept), divergent=torch.stack(divergent, 1),
-                 scale=scale)
+                 scale=scale, rejected_updates=rejected_updates)
     return torch.stack(draws, 1), stats
 
 
@@ -326,16 +358,24 @@ def _adaptation_windows(warmup, init=0.15, term=0.1, first=25):
 
 
 def _preconditioner(v, dense):
-    """Lower-triangular update ``M`` of the coordinates from warm-up draws ``v`` (N, D) in the
-    current coordinates (where the metric is the identity): ``M M^T`` is their sample covariance
-    shrunk towards the identity by ``D / (N + D)`` -- a few dozen autocorrelated draws in ~80
-    dimensions mis-estimate the extreme eigenvalues badly (Marchenko-Pastur), and the current
-    coordinates (Laplace-whitened, then earlier windows) are already close to right.  Diagonal
-    when ``dense`` is False.
+    """Lower-triangular update ``M`` of the coordinates from warm-up draws ``v`` (T, K, D): T
+    iterations of K chains in the current coordinates (where the metric is the identity).
+
+    ``M M^T`` is the pooled *within-chain* covariance (each chain centred on its own mean, so
+    chains still apart -- started overdispersed, or in different modes -- do not inflate it),
+    shrunk towards the identity by ``D / (N + D)`` with N the degrees of freedom -- a few dozen
+    autocorrelated draws in ~80 dimensions mis-estimate the extreme eigenvalues badly
+    (Marchenko-Pastur), and the current coordinates (Laplace-whitened, then earlier windows) are
+    already close to right.  Diagonal when ``dense`` is False.
     """
-    n, d = v.shape
+    t, k, d = v.shape
     eye = torch.eye(d, dtype=v.dtype, device=v.device)
-    cov = torch.cov(v.T).reshape(d, d) if n > 1 else eye
+    n = k * (t - 1)
+    if n > 0:
+        r = (v - v.mean(0)).reshape(-1, d)
+        cov = r.T @ r / n
+    else:
+        cov = eye
     if not dense:
         cov = torch.diag(cov.diagonal())
     lam = d / (n + d)
