@@ -4,9 +4,9 @@
 
 Mocks: lens parameters from the default priors (``draw_lens(seed)``, seeds 0..n-1, r_ein kept in
 [0.8, 2] arcsec), a source placed in the central third of the source plane, ``--npix`` pixels at
-``--pixel-scale`` arcsec, Gaussian PSF and noise.  Each chunk of lenses is fitted together: the
-batched MAP (:func:`difflens.fitting.fit_lenses`), then the batched HMC posterior of all lenses x
-chains in one batch (:func:`difflens.infer.sample_posterior_batch`).
+``--pixel-scale`` arcsec, Gaussian PSF and noise.  Each chunk of lenses is fitted together by
+:func:`difflens.fitting.fit_lenses`: the batched MAP, then the HMC posterior of all lenses x chains
+in one batch (:func:`difflens.infer.sample_posterior_batch`).
 
 For every lens parameter it reports the fraction of truths inside the central 68% and 95%
 posterior intervals, the mean and sd of the normalised error ``(posterior mean - truth) / sd``
@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 
 from difflens.datasets.mocks import simulate_mock  # noqa: E402
 from difflens.fitting import fit_lenses  # noqa: E402
-from difflens.infer import sample_posterior_batch  # noqa: E402
 
 PARAMS = ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2")
 
@@ -42,8 +41,9 @@ def wrap_phi(d):
     return (np.asarray(d) + math.pi / 2) % math.pi - math.pi / 2
 
 
-def lens_record(obs, fit, post):
+def lens_record(obs, fit):
     """Truth, MAP, posterior mean / sd and the truth's posterior quantile for one lens."""
+    post = fit.posterior
     rec = dict(seed=obs.truth["seed"], reduced_chi2=fit.map.reduced_chi2,
                rhat=max(post.rhat[k] for k in PARAMS), params={})
     for k in PARAMS:
@@ -143,12 +143,9 @@ def main(argv=None):
         for s, m in zip(seeds, mocks):
             m.truth["seed"] = s
         fits = fit_lenses(mocks, source=args.source, steps=args.steps, restarts=args.restarts,
+                          samples=args.samples, warmup=args.warmup, chains=args.chains,
                           seed=seeds[0])
-        posts = sample_posterior_batch([f.model for f in fits],
-                                       [f.map.sample_sites() for f in fits],
-                                       num_samples=args.samples, warmup=args.warmup,
-                                       chains=args.chains, seed=seeds[0])
-        chunk = [lens_record(m, f, p) for m, f, p in zip(mocks, fits, posts)]
+        chunk = [lens_record(m, f) for m, f in zip(mocks, fits)]
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(chunk, indent=1))
         tmp.replace(done)                                   # never a half-written chunk

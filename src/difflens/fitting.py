@@ -236,9 +236,12 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 
 
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
-               flux_scale="auto", supersample=1, steps=1000, restarts=4, chunk=64, seed=0,
-               dtype=torch.float64, progress=True) -> list:
-    """MAP fits of many observations at once (vectorised; see :func:`difflens.infer.fit_map_batch`).
+               flux_scale="auto", supersample=1, steps=1000, restarts=4, chunk=64, samples=0,
+               warmup=300, chains=4, seed=0, dtype=torch.float64, progress=True) -> list:
+    """MAP fits (and posteriors) of many observations at once, vectorised over lenses.
+
+    The MAP is :func:`difflens.infer.fit_map_batch`; with ``samples > 0`` the posteriors follow
+    from :func:`difflens.infer.sample_posterior_batch` (all lenses x chains in one HMC batch).
 
     All observations must share the grid (shape, pixel scale) and the PSF, as survey cutouts do;
     their images, noise and masks differ.  One model is built and re-used for every lens
@@ -255,13 +258,15 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     steps, restarts : int
         Adam steps of the final run and restarts per lens (all lenses' restarts run as one batch).
     chunk : int
-        Lenses (x restarts) per batched likelihood call: bounds memory.
+        Lenses (x restarts) per batched likelihood call of the MAP: bounds memory.
+    samples, warmup, chains : int
+        HMC draws kept and warm-up iterations per chain, chains per lens (``samples=0``: MAP
+        only).  The HMC batch holds every lens x chain at once: split very large sets.
 
     Returns
     -------
     list of LensFit
-        One per observation, MAP only (sample one with :func:`fit_lens` or
-        :func:`difflens.infer.sample_posterior`).
+        One per observation, with ``posterior`` when ``samples > 0``.
 
     Examples
     --------
@@ -270,7 +275,7 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     >>> fits = fit_lenses(mocks, source="sersic", steps=600, restarts=2)   # doctest: +SKIP
     >>> [f.map.lens()["r_ein"] for f in fits]                              # doctest: +SKIP
     """
-    from .infer import fit_map_batch
+    from .infer import fit_map_batch, sample_posterior_batch
 
     observations = list(observations)
     if not observations:
@@ -295,4 +300,9 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
                         for o in observations[1:]]
     results = fit_map_batch(models, steps=steps, restarts=restarts, chunk=chunk, seed=seed,
                             progress=progress)
-    return [LensFit(o, m, r) for o, m, r in zip(observations, models, results)]
+    posts = [None] * len(models)
+    if samples > 0:
+        posts = sample_posterior_batch(models, [r.sample_sites() for r in results],
+                                       num_samples=samples, warmup=warmup, chains=chains,
+                                       seed=seed, progress=progress)
+    return [LensFit(o, m, r, p) for o, m, r, p in zip(observations, models, results, posts)]
