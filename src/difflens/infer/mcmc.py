@@ -151,7 +151,8 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     method : "hmc" or "nuts"
         ``"hmc"`` (default): all chains at once through one batched likelihood
         (:func:`difflens.infer.hmc.hmc`: jittered trajectory length ``path_length``, step size and
-        diagonal mass adapted in warm-up).  ``"nuts"``: Pyro's NUTS, chains one after another.
+        a dense metric adapted in warm-up; many lenses at once with
+        :func:`sample_posterior_batch`).  ``"nuts"``: Pyro's NUTS, chains one after another.
     seed : int
         Chain c uses seed + c.
     target_accept : float
