@@ -54,7 +54,8 @@ class FlatSites:
     transforms : dict of str -> Transform
         Constrained -> unconstrained transform per site (from Pyro's ``initialize_model``).
     start : Tensor (D,)
-        The initial point, unconstrained and flattened.
+        The initial point, unconstrained and flattened, in the dtype of ``model.data`` when the
+        model has one.
 
     Examples
     --------
@@ -83,7 +84,10 @@ class FlatSites:
         self.names = list(params)
         self.shapes = [params[n].shape for n in self.names]
         self.sizes = [int(params[n].numel()) for n in self.names]
-        self.start = torch.cat([params[n].detach().reshape(-1) for n in self.names])
+        # the model's working precision (priors may hold float64 constants while a float32 model
+        # computes in float32; a concatenation would promote everything to float64)
+        dtype = getattr(getattr(model, "data", None), "dtype", None) or params[self.names[0]].dtype
+        self.start = torch.cat([params[n].detach().to(dtype).reshape(-1) for n in self.names])
 
     def potential(self, model, jacobian=True):
         """:func:`batched_potential` of ``model`` (same sites) in this layout."""
@@ -96,7 +100,7 @@ class FlatSites:
         for k in self.names:
             v = torch.as_tensor(values[k], dtype=self.start.dtype, device=self.start.device)
             parts.append((self.transforms[k](v) if k in self.transforms else v).reshape(-1))
-        return torch.cat(parts)
+        return torch.cat(parts).to(self.start.dtype)   # transforms may hold float64 bounds
 
     def unconstrained(self, u: torch.Tensor) -> dict:
         """Rows ``u`` (N, D) -> unconstrained site tensors of shape (N, *site_shape)."""
