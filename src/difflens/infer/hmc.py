@@ -103,12 +103,12 @@ class FlatSites:
         return torch.cat(parts).to(self.start.dtype)   # transforms may hold float64 bounds
 
     def unconstrained(self, u: torch.Tensor) -> dict:
-        """Rows ``u`` (N, D) -> unconstrained site tensors of shape (N, *site_shape)."""
+        """Rows ``u`` (N, D) -> unconstrained site tensors of shape ``(N, *site_shape)``."""
         return {n: c.reshape(u.shape[0], *sh)
                 for n, c, sh in zip(self.names, torch.split(u, self.sizes, dim=1), self.shapes)}
 
     def constrained(self, u: torch.Tensor) -> dict:
-        """Rows ``u`` (N, D) -> site values in their natural units, shape (N, *site_shape)."""
+        """Rows ``u`` (N, D) -> site values in their natural units, shape ``(N, *site_shape)``."""
         return {n: (self.transforms[n].inv(v) if n in self.transforms else v)
                 for n, v in self.unconstrained(u).items()}
 
