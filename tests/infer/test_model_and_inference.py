@@ -127,11 +127,13 @@ def test_short_nuts_converges_on_low_dimensional_problem():
         fixed.source[k] = float(t["src_" + k])
     model = LensModel(data, 0.02, sim, source="sersic", priors=fixed)
     init = {k: t[k] for k in ("r_ein", "gamma", "src_amp")}
-    post = sample_posterior(model, init, num_samples=100, warmup=100, chains=2, seed=1,
+    post = sample_posterior(model, init, num_samples=200, warmup=100, chains=4, seed=1,
                             progress=False)
+    # independent draws give R-hat < 1.01 at this size; chains that each travel a different
+    # trajectory length (a shared leapfrog count with per-chain step sizes) gave 1.10
     for k in ("r_ein", "gamma"):
-        assert post.rhat[k] < 1.05, (k, post.rhat[k])
-    assert post.idata.posterior["q"].shape == (2, 100)
+        assert post.rhat[k] < 1.03, (k, post.rhat[k])
+    assert post.idata.posterior["q"].shape == (4, 200)
     lo, hi = post.interval("r_ein", 0.99)
     assert lo < LENS["r_ein"] < hi
 

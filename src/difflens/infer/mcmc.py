@@ -134,7 +134,7 @@ def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=1
 
 
 def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=300, chains=4,
-                     method="hmc", seed=0, target_accept=0.8, path_length=1.5, max_tree_depth=8,
+                     method="hmc", seed=0, target_accept=0.8, path_length=2.2, max_tree_depth=8,
                      whiten=True, full_mass=False, adapt_mass_matrix=None, start_spread=0.3,
                      progress=True) -> Posterior:
     """Sample the posterior of ``model`` from ``init`` (normally ``MAPResult.sample_sites()``).
@@ -214,7 +214,7 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
 
 
 def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains=4, seed=0,
-                           target_accept=0.8, path_length=1.5, whiten=True, start_spread=0.3,
+                           target_accept=0.8, path_length=2.2, whiten=True, start_spread=0.3,
                            progress=True) -> list:
     """HMC posteriors of many lenses at once: ``len(models) x chains`` chains in one batch.
 
