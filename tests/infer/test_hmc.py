@@ -95,6 +95,31 @@ def test_hmc_groups_adapt_one_preconditioner_per_posterior():
         hmc(potential, u0, groups=torch.tensor([0, 1]), progress=False)
 
 
+def test_a_chain_with_a_tiny_step_size_does_not_hold_up_the_batch():
+    # one chain samples a target 50x narrower than the others under one pooled metric, so its
+    # step size is ~50x smaller: its leapfrog count is capped at 3x the batch median, and its
+    # draws still have the right mean and sd
+    d = 2
+    sd = torch.tensor([0.02, 1.0, 1.0, 1.0], dtype=torch.float64)[:, None]
+
+    def potential(u):
+        return 0.5 * ((u / sd) ** 2).sum(1)
+
+    u0 = sd * torch.randn(4, d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    draws, stats = hmc(potential, u0, num_samples=600, warmup=300, seed=2, progress=False)
+    assert float(stats["step_size"][0]) < 0.1 * float(stats["step_size"][1:].min())
+    median = stats["n_steps"].median(0).values.double()
+    assert (stats["n_steps"] <= torch.ceil(3.0 * median)).all()
+    assert float(stats["n_steps"][0].float().mean()) < 20        # 2.2 / eps would be > 50
+    x = draws[0].numpy()
+    ess = min(float(az.ess(x[None, :, i])) for i in range(d))
+    assert ess > 50
+    assert (np.abs(x.mean(0)) < 5 * 0.02 / np.sqrt(ess)).all()
+    assert (np.abs(x.std(0) / 0.02 - 1) < 4 / np.sqrt(2 * ess)).all()
+    with pytest.raises(ValueError, match="max_steps_ratio"):
+        hmc(potential, u0, max_steps_ratio=0.5, progress=False)
+
+
 def test_hmc_rejects_bad_input():
     pot = lambda u: 0.5 * (u * u).sum(1)                     # noqa: E731
     with pytest.raises(ValueError, match="target_accept"):

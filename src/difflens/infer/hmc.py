@@ -212,7 +212,8 @@ def _safe(potential):
 
 
 def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_length=2.2,
-        max_steps=64, dense=True, groups=None, seed=0, progress=True, desc="HMC"):
+        max_steps=64, max_steps_ratio=3.0, dense=True, groups=None, seed=0, progress=True,
+        desc="HMC"):
     """Run ``C`` HMC chains at once from ``u0`` (shape ``(C, D)``).
 
     Parameters
@@ -236,6 +237,13 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         radius of the orbit is kept and widths mix slowly.
     max_steps : int
         Cap on leapfrog steps per iteration (guards against a collapsed step size).
+    max_steps_ratio : float
+        No chain takes more than this multiple of the batch's median step count.  Every
+        leapfrog step is one batched call, so the batch waits for its slowest chain: one chain
+        (or one lens of many) with a 10x smaller step size would make all of them 10x slower.
+        A capped chain travels a shorter path instead, which costs only its own effective
+        sample size.  After warm-up the step sizes are fixed, so the cap is a constant of the
+        kernel and each chain stays a valid Markov chain.
     dense : bool
         Adapt a dense preconditioner (within-chain covariance of the warm-up draws, shrunk
         towards the current metric when draws are few) rather than a diagonal one.
@@ -265,6 +273,9 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     """
     if not 0 < target_accept < 1:
         raise ValueError(f"target_accept must lie in (0, 1), got {target_accept}")
+    if max_steps < 1 or max_steps_ratio < 1:
+        raise ValueError(f"max_steps must be >= 1 and max_steps_ratio >= 1, got {max_steps}, "
+                         f"{max_steps_ratio}")
     if num_samples < 1 or warmup < 0:
         raise ValueError("num_samples must be >= 1 and warmup >= 0")
     if u0.ndim != 2:
@@ -310,7 +321,8 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         # each chain takes its own number of steps, so that every chain travels the same
         # length whatever its step size (a shared count would send a chain with a 2x larger
         # step half a period round the Gaussian: anticorrelated, periodic draws)
-        steps_c = torch.ceil(jitter * path_length / eps).clamp(1, max_steps).long()
+        steps_c = torch.ceil(jitter * path_length / eps).clamp(1, max_steps)
+        steps_c = steps_c.clamp(max=math.ceil(max_steps_ratio * float(steps_c.median()))).long()
         n_steps = int(steps_c.max())
         p = torch.randn(v.shape, generator=gen, **kw)
         h0 = pot + 0.5 * (p * p).sum(1)
