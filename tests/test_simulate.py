@@ -1,4 +1,5 @@
 import math
+import shutil
 
 import pytest
 import torch
@@ -76,3 +77,28 @@ def test_pixel_source_and_supersampling():
 def test_missing_lens_parameter_is_named():
     with pytest.raises(KeyError, match="g2"):
         deflection(torch.zeros(2), torch.zeros(2), {k: v for k, v in LENS.items() if k != "g2"})
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
+def test_compiled_simulator_matches_eager_and_still_checks_its_input():
+    eager = Simulator(npix=32, pixel_scale=0.1, dtype=torch.float64)
+    fast = Simulator(npix=32, pixel_scale=0.1, dtype=torch.float64, compile=True)
+    data = eager.image(LENS, Sersic(**SRC))
+    r = torch.tensor([1.1, 1.3], dtype=torch.float64)
+
+    def value_and_grad(sim):
+        n = torch.tensor(1.4, dtype=torch.float64, requires_grad=True)
+        rr = r.clone().requires_grad_()
+        ll = gaussian_log_likelihood(sim.image(dict(LENS, r_ein=rr), Sersic(**dict(SRC, n=n))),
+                                     data, 0.05).sum()
+        return (ll, *torch.autograd.grad(ll, (rr, n)))
+
+    for a, b in zip(value_and_grad(eager), value_and_grad(fast)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-8)
+    with pytest.raises(ValueError, match="'q'"):
+        fast.image(dict(LENS, q=1.3), Sersic(**SRC))
+    with pytest.raises(ValueError, match="r_ein"):
+        fast.image(dict(LENS, r_ein=float("nan")), Sersic(**SRC))
+    with pytest.raises(ValueError, match="source r_e"):
+        fast.image(LENS, Sersic(**dict(SRC, r_e=-0.1)))

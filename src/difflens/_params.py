@@ -4,6 +4,10 @@ Every physics function in difflens accepts its parameters as Python floats, 0-d 
 of shape (B,), and positions ``x, y`` of any common shape S.  The result has shape S, or ``(B, *S)``
 when any parameter carries a batch dimension.  This module is the one place where that contract is
 implemented, so that every function reports bad input the same way.
+
+Checks of tensor *values* (finite, in range) need the values on the host, which a compiled graph
+(``torch.compile``) cannot branch on: inside one they are skipped (:func:`checking`), so a compiled
+likelihood must be fed parameters that were validated outside it (e.g. by the Pyro priors).
 """
 from __future__ import annotations
 
@@ -11,6 +15,11 @@ import math
 from typing import Mapping
 
 import torch
+
+
+def checking() -> bool:
+    """True unless torch.compile is tracing: value checks run in eager code only."""
+    return not torch.compiler.is_compiling()
 
 
 def as_coords(x, y):
@@ -33,7 +42,7 @@ def as_coords(x, y):
         raise TypeError("x and y must be floating point")
     if x.dtype != y.dtype:
         raise TypeError(f"x has dtype {x.dtype} but y has {y.dtype}")
-    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+    if checking() and not (torch.isfinite(x).all() and torch.isfinite(y).all()):
         raise ValueError("x and y contain non-finite values (NaN or inf)")
     return x, y
 
@@ -59,7 +68,7 @@ def as_param(name: str, value, like: torch.Tensor) -> torch.Tensor:
     if t.ndim > 1:
         raise ValueError(f"parameter {name!r} must be a scalar or have shape (B,), got shape "
                          f"{tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+    if checking() and not torch.isfinite(t).all():
         raise ValueError(f"parameter {name!r} is not finite: {t.detach().cpu().tolist()}")
     return t
 
@@ -67,6 +76,8 @@ def as_param(name: str, value, like: torch.Tensor) -> torch.Tensor:
 def check_range(name: str, value: torch.Tensor, low=-math.inf, high=math.inf,
                 low_inclusive=False, high_inclusive=False, hint: str = "") -> None:
     """Raise ``ValueError`` naming ``name`` if any element lies outside the interval."""
+    if not checking():
+        return
     lo_ok = value >= low if low_inclusive else value > low
     hi_ok = value <= high if high_inclusive else value < high
     if not bool((lo_ok & hi_ok).all()):

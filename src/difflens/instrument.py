@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from difflens._params import checking
+
 
 def pixel_grid(npix, pixel_scale, *, supersample=1, pad=0, dtype=None, device=None):
     """Coordinates of pixel (or sub-pixel) centres.
@@ -345,7 +347,7 @@ def gaussian_log_likelihood(model, data, noise_sigma, mask=None):
     True
     """
     sigma = torch.as_tensor(noise_sigma, dtype=model.dtype, device=model.device)
-    if not torch.isfinite(sigma).all() or (sigma <= 0).any():
+    if checking() and (not torch.isfinite(sigma).all() or (sigma <= 0).any()):
         raise ValueError("noise_sigma must be finite and positive")
     chi = (data - model) / sigma
     terms = chi * chi + torch.log(2.0 * math.pi * sigma * sigma)
