@@ -9,7 +9,8 @@ exposure map), the JWST ring is PyAutoLens FITS (noise map, PSF, extra-galaxy ma
 the lens.  Each lens is fitted with two Sersic lens-light components centred on the mass, the SPLE
 + shear mass and the chosen source (default: the shipped VAE), first MAP (data-driven initialiser,
 restarts) and then NUTS.  For each lens the script writes ``summary.json``, ``fit.png`` (data, model,
-normalised residual, source), ``corner.png`` and ``posterior.nc`` under ``--out/NAME`` and prints
+normalised residual, source), ``corner.png``, ``posterior.nc`` and the COOLEST model
+(``coolest.json`` + FITS files, pixel frame) under ``--out/NAME`` and prints
 reduced chi^2 and r_ein / theta_E with posterior sd.
 
 Coordinates are the pixel frame (x along columns, y along rows, arcsec from the cutout centre), not
@@ -72,7 +73,7 @@ def main(argv=None):
         fit = fit_lens(obs, source=args.source, lens_light=args.lens_light, steps=args.steps,
                        restarts=args.restarts, samples=args.samples, warmup=args.warmup,
                        chains=args.chains, seed=args.seed)
-        out = fit.save(Path(args.out) / name)
+        out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()
         line = {"reduced_chi2": round(s["reduced_chi2"], 3),
                 "r_ein_map": round(s["map"]["r_ein"], 4),

@@ -52,13 +52,17 @@ def test_simulate_then_fit_round_trip(tmp_path, capsys):
     out = tmp_path / "fit"
     assert main(["fit", str(obs_path), "--noise-sigma", "0.05", "--psf-sigma", "0.05",
                  "--source", "sersic", "--steps", "150", "--restarts", "2", "--samples", "0",
-                 "--out", str(out)]) == 0
+                 "--coolest", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for k in ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2"):
         assert np.isfinite(summary["map"][k])
     assert 0.1 <= summary["map"]["q"] <= 1.0 and 1.0 < summary["map"]["gamma"] < 3.0
     assert "theta_E" in summary["map_lenstronomy"] and summary["reduced_chi2"] > 0
     assert (out / "fit.png").exists() and "posterior" not in summary
+    lens = json.loads((out / "coolest.json").read_text())["lensing_entities"][1]
+    pemd = lens["mass_model"][0]["parameters"]
+    assert pemd["theta_E"]["point_estimate"]["value"] == pytest.approx(
+        summary["map_lenstronomy"]["theta_E"])
 
 
 @pytest.mark.parametrize("args,message", [

@@ -96,10 +96,11 @@ def _cmd_fit(args):
                    lens_light=len(args.lens_light or ()), supersample=args.supersample,
                    steps=args.steps, restarts=args.restarts, samples=args.samples,
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler, seed=args.seed)
-    fit.save(args.out)
+    fit.save(args.out, coolest=args.coolest)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
-          (", posterior.nc, corner.png" if args.samples else ""))
+          (", posterior.nc, corner.png" if args.samples else "") +
+          (", coolest.json (+ FITS)" if args.coolest else ""))
 
 
 def _cmd_demo(args):
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("hmc", "nuts"), default="hmc",
                    help="hmc: all chains in one batched likelihood; nuts: Pyro NUTS, chain by chain")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coolest", action="store_true",
+                   help="also write the model in the COOLEST standard (coolest.json + FITS)")
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("demo", help="simulate a mock with the VAE source, fit, sample, plot")

@@ -10,8 +10,6 @@ This is the public entry point the CLI and the examples use::
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +147,10 @@ class LensFit:
                          f"{p.get('r_hat', nan):6.3f}")
         return "\n".join(lines)
 
-    def save(self, out_dir) -> Path:
-        """Write summary.json, fit.png and (when sampled) posterior.nc and corner.png.
+    def save(self, out_dir, coolest=False) -> Path:
+        """Write summary.json, fit.png and (when sampled) posterior.nc and corner.png; with
+        ``coolest=True`` also the COOLEST model (``coolest.json`` and its FITS files, see
+        :mod:`difflens.coolest`).
 
         Files are written to a temporary folder first and moved into ``out_dir`` only when all
         of them exist, so a failure leaves nothing half-written.
@@ -160,12 +160,10 @@ class LensFit:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from .coolest import atomic_directory, write_coolest_files
         from .plots import plot_corner, plot_fit
 
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".difflens-", dir=out_dir.parent))
-        try:
+        with atomic_directory(out_dir) as tmp:
             (tmp / "summary.json").write_text(json.dumps(self.summary(), indent=1))
             fig = plot_fit(self.observation, self.map, true_source=self._true_source())
             fig.savefig(tmp / "fit.png", dpi=100)
@@ -175,12 +173,9 @@ class LensFit:
                 fig = plot_corner(self.posterior, truths=self.observation.truth)
                 fig.savefig(tmp / "corner.png", dpi=90)
                 plt.close(fig)
-            out_dir.mkdir(exist_ok=True)
-            for f in tmp.iterdir():
-                f.replace(out_dir / f.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out_dir
+            if coolest:
+                write_coolest_files(self, tmp)
+        return Path(out_dir)
 
     def _true_source(self):
         t = self.observation.truth or {}
