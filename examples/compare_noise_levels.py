@@ -100,7 +100,8 @@ def main(argv=None):
         ax.imshow(obs.image, origin="lower", cmap="magma")
         ax.set_title(f"{level}: sigma {NOISE_LEVELS[level]}, S/N {obs.truth['snr']:.0f}")
         ax.axis("off")
-    axes[0, 3].axis("off")
+    for ax in axes[0][len(shown):]:                   # levels not fitted (yet)
+        ax.axis("off")
     for ax, k in zip(axes[1], SHOWN):
         for level, (obs, s, draws) in shown.items():
             if draws is not None:
