@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from difflens.datasets.observation import read_observation
-from difflens.fitting import fit_lens
+from difflens.fitting import LensFit, fit_lens
+from difflens.infer import sample_posterior
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,10 +71,16 @@ def main(argv=None):
         t0 = time.perf_counter()
         obs = LENSES[name](shared)
         print(f"\n== {name}: {obs.shape[0]}x{obs.shape[1]} px at {obs.pixel_scale:.3f}\"/px")
+        # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP)
         fit = fit_lens(obs, source=args.source, lens_light=args.lens_light, steps=args.steps,
-                       restarts=args.restarts, samples=args.samples, warmup=args.warmup,
-                       chains=args.chains, seed=args.seed)
+                       restarts=args.restarts, samples=0, seed=args.seed)
         out = fit.save(Path(args.out) / name, coolest=True)
+        print(fit.table(), flush=True)
+        if args.samples > 0:
+            post = sample_posterior(fit.model, fit.map.sample_sites(), num_samples=args.samples,
+                                    warmup=args.warmup, chains=args.chains, seed=args.seed)
+            fit = LensFit(obs, fit.model, fit.map, post)
+            out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()
         line = {"reduced_chi2": round(s["reduced_chi2"], 3),
                 "r_ein_map": round(s["map"]["r_ein"], 4),
