@@ -120,11 +120,17 @@ def _run(model, init_loc_fn, steps, lr, lr_final_fraction, tol, window, progress
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=desc, leave=False)
+    guide()                               # creates the parameters (snapshots need them)
+    best_loss, best = math.inf, None
     for i in range(steps):
+        # the loss svi.step() returns is that of the parameters before its update: keep them
+        before = [v.unconstrained().detach().clone() for v in pyro.get_param_store().values()]
         loss = svi.step()
         if not math.isfinite(loss):
             raise FloatingPointError(f"MAP loss became {loss} at step {i}")
         losses.append(loss)
+        if loss < best_loss:
+            best_loss, best = loss, before
         if bar is not None:
             bar.update()
             if i % 20 == 0:
@@ -136,6 +142,14 @@ def _run(model, init_loc_fn, steps, lr, lr_final_fraction, tol, window, progress
                 break
     if bar is not None:
         bar.close()
+    # Adam's steps can carry a good start away (e.g. freed lens-light parameters kicked at the
+    # full learning rate) and never come back: never end worse than the best point visited
+    with torch.no_grad():
+        end_loss = float(Trace_ELBO().differentiable_loss(model, guide))
+        if best is not None and end_loss > best_loss:
+            for v, b in zip(pyro.get_param_store().values(), best):
+                v.unconstrained().copy_(b)
+            losses.append(best_loss)
     if polish_steps:
         losses.extend(_polish(model, guide, polish_steps))
     with torch.no_grad():
