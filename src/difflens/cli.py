@@ -95,7 +95,8 @@ def _cmd_fit(args):
     fit = fit_lens(obs, source=args.source, priors=args.priors, psf_sigma=args.psf_sigma,
                    lens_light=len(args.lens_light or ()), supersample=args.supersample,
                    steps=args.steps, restarts=args.restarts, samples=args.samples,
-                   warmup=args.warmup, chains=args.chains, sampler=args.sampler, seed=args.seed)
+                   warmup=args.warmup, chains=args.chains, sampler=args.sampler,
+                   sample_lens_light=not args.hold_lens_light, seed=args.seed)
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("hmc", "nuts"), default="hmc",
                    help="hmc: all chains in one batched likelihood; nuts: Pyro NUTS, chain by chain")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hold-lens-light", action="store_true",
+                   help="sample mass and source with the lens light held at its MAP")
     p.add_argument("--coolest", action="store_true",
                    help="also write the model in the COOLEST standard (coolest.json + FITS)")
     p.set_defaults(func=_cmd_fit)

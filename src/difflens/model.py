@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyro
 import pyro.distributions as dist
@@ -397,6 +397,41 @@ class LensModel:
             mask = torch.as_tensor(mask, dtype=torch.bool, device=device)
         fresh.data, fresh.noise_sigma, fresh.mask = self._checked(data, sigma, mask)
         fresh.n_pixels = int(fresh.mask.sum()) if fresh.mask is not None else data.numel()
+        return fresh
+
+    def with_fixed(self, values: dict) -> "LensModel":
+        """The same model with the scalar sites in ``values`` held fixed at those values (site
+        names as sampled: ``r_ein``, ``src_s``, ``light0_n``, ...; the latent ``z`` cannot be
+        fixed).  Shares everything but the priors.
+
+        Used to sample lens and source with the lens light held at its MAP
+        (:func:`difflens.fitting.fit_lens` with ``sample_lens_light=False``): a Sersic index the
+        data push against its prior bound makes the posterior too skewed for a Laplace-whitened
+        HMC.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from difflens.simulate import Simulator
+        >>> sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
+        >>> m = LensModel(torch.zeros(16, 16), 0.1, sim).with_fixed({"g1": 0.0, "g2": 0.01})
+        >>> m.fixed_values()
+        {'g1': 0.0, 'g2': 0.01}
+        """
+        known = self.all_priors()
+        for k, v in values.items():
+            if k not in known:
+                raise ValueError(f"{k!r} is not a site of this model (sites: {sorted(known)})")
+            if torch.as_tensor(v).numel() != 1:
+                raise ValueError(f"only scalar sites can be fixed; {k!r} has "
+                                 f"{torch.as_tensor(v).numel()} values")
+        fix = {k: float(v) for k, v in values.items()}
+        lens = {k: fix.get(k, d) for k, d in self.priors.lens.items()}
+        source = {k: fix.get("src_" + k, d) for k, d in self.priors.source.items()}
+        light = [{k: fix.get(f"light{i}_{k}", d) for k, d in comp.items()}
+                 for i, comp in enumerate(self.priors.lens_light)]
+        fresh = copy.copy(self)
+        fresh.priors = replace(self.priors, lens=lens, source=source, lens_light=light)
         return fresh
 
     def _checked(self, data, sigma, mask):

@@ -79,3 +79,25 @@ def test_joint_fit_recovers_lens_light_and_mass():
     for k in ("amp", "r_e", "n"):
         assert got[f"light0_{k}"] == pytest.approx(LIGHT[k], rel=0.02), k
     assert fit.map.reduced_chi2 < 1.1
+
+
+def test_fixed_lens_light_is_not_sampled_and_images_unchanged():
+    sim = Simulator(npix=16, pixel_scale=0.2, psf_sigma=0.1, dtype=torch.float64)
+    priors = Priors.default("sersic", lens_light=1)
+    model = LensModel(torch.zeros(16, 16, dtype=torch.float64), 0.01, sim, source="sersic",
+                      priors=priors)
+    sites = _sites()
+    light = {k: v for k, v in sites.items() if k.startswith("light")}
+    held = model.with_fixed(light)
+    assert held.priors is not model.priors and model.fixed_values() == {}  # original untouched
+    assert set(held.fixed_values()) == set(light)
+    rest = {k: v for k, v in sites.items() if k not in light}
+    tr_full = pyro.poutine.trace(pyro.poutine.condition(model, data=sites)).get_trace()
+    tr_held = pyro.poutine.trace(pyro.poutine.condition(held, data=rest)).get_trace()
+    assert not any(k.startswith("light") for k in tr_held.stochastic_nodes)
+    torch.testing.assert_close(tr_held.nodes["model_image"]["value"],
+                               tr_full.nodes["model_image"]["value"], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="not a site"):
+        model.with_fixed({"light3_n": 2.0})
+    with pytest.raises(ValueError, match="only scalar"):
+        model.with_fixed({"r_ein": torch.ones(2)})
