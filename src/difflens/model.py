@@ -240,10 +240,7 @@ def lens_light_priors(n_components: int, flux_scale=1.0) -> list:
 
     Component i has a prior half-light radius around ``0.5 * 3**i`` arcsec (a compact bulge, then
     more extended ones) and amplitude (surface brightness at r_e) around ``0.1 * flux_scale``;
-    both log-normal and broad.  The Sersic index is log-normal about 3 (95% within 0.9-9.8) with
-    no hard bound: a nearly point-like core (JWST ring) drove a uniform(0.5, 8) index onto its
-    bound, where the posterior is too skewed for HMC.  Replace ``"mass"`` centres with
-    distributions to free them.
+    both log-normal and broad.  Replace ``"mass"`` centres with distributions to free them.
 
     Examples
     --------
@@ -254,7 +251,7 @@ def lens_light_priors(n_components: int, flux_scale=1.0) -> list:
     if not (isinstance(n_components, int) and n_components >= 0):
         raise ValueError(f"lens_light must be a number of components >= 0, got {n_components!r}")
     return [dict(amp=_lognormal(math.log(0.1 * flux_scale), 2.5),
-                 r_e=_lognormal(math.log(0.5 * 3.0 ** i), 1.0), n=_lognormal(math.log(3.0), 0.6),
+                 r_e=_lognormal(math.log(0.5 * 3.0 ** i), 1.0), n=_uniform(0.5, 8.0),
                  e1=_normal(0.0, 0.25), e2=_normal(0.0, 0.25), x0="mass", y0="mass")
             for i in range(n_components)]
 
