@@ -184,19 +184,19 @@ def _sersic(values):
                 phi=coolest_angle(phi), center_x=values["x0"], center_y=values["y0"])
 
 
-def _component(values: dict, prefix: str, lens: dict):
-    """Sites of one Sersic component (``prefix`` + name); centres tied to the mass come from
-    ``lens``."""
+def _component(values: dict, prefix: str):
+    """Sites of one Sersic component (``prefix`` + name); a centre tied to the mass is the lens
+    ``x0, y0`` in the same ``values``."""
     keys = ("amp", "r_e", "n", "e1", "e2", "x0", "y0")
-    return {k: values[prefix + k] if prefix + k in values else lens[k] for k in keys}
+    return {k: values[prefix + k] if prefix + k in values else values[k] for k in keys}
 
 
 def _lens_entity(model, params, draws, redshift):
     values = {k: _numpy(v) for k, v in params.items()}
     light = []
     for i in range(len(model.priors.lens_light)):
-        point = _sersic(_component(values, f"light{i}_", values))
-        post = _sersic(_component(draws, f"light{i}_", draws)) if draws else None
+        point = _sersic(_component(values, f"light{i}_"))
+        post = _sersic(_component(draws, f"light{i}_")) if draws else None
         light.append(_profile("Sersic", point, post))
     return {"type": "Galaxy", "name": "lens", "redshift": redshift,
             "mass_model": [_profile("PEMD", _pemd(values), _pemd(draws) if draws else None)],
@@ -218,7 +218,7 @@ def _source_entity(model, result, draws, directory, redshift):
             "fits_file": {"path": "source.fits"}}},
             "description": "MAP decode of the VAE source (amplitude included)"}
     else:
-        post = _sersic(_component(draws, "src_", draws)) if draws else None
+        post = _sersic(_component(draws, "src_")) if draws else None
         light = _profile("Sersic", _sersic(src), post)
     return {"type": "Galaxy", "name": "source", "redshift": redshift, "mass_model": [],
             "light_model": [light]}

@@ -228,10 +228,10 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     max_tree_depth : NUTS only
     sample_lens_light : bool
         With lens light: sample its parameters too (default), or hold them at the MAP so the
-        posterior is that of mass and source given the light.  The second is what works today on
-        real lenses whose light profile presses against a prior bound (the JWST ring: HMC steps
-        0.01-0.03 with the light free, 0.05-0.13 with it held); the mass posterior then ignores
-        the light's uncertainty.
+        posterior is that of mass and source given the light (which then ignores the light's
+        uncertainty).  Holding helps where a light profile presses against a prior bound (the
+        JWST ring: early HMC steps 0.05-0.2 instead of 0.01-0.03), though there warm-up still
+        drifted to long trajectories.
     seed : int
         Makes the whole fit reproducible.
 
