@@ -73,8 +73,10 @@ def main(argv=None):
         else:
             continue
         s = json.loads((saved / "summary.json").read_text())
-        draws = ({k: az.from_netcdf(str(saved / "posterior.nc")).posterior[k].values.reshape(-1)
-                  for k in SHOWN} if "posterior" in s else None)
+        draws = None
+        if "posterior" in s:
+            posterior = az.from_netcdf(str(saved / "posterior.nc")).posterior
+            draws = {k: posterior[k].values.reshape(-1) for k in SHOWN}
         results[level] = dict(noise_sigma=sigma, snr=obs.truth["snr"],
                               reduced_chi2=s["reduced_chi2"], minutes=minutes,
                               **{k: dict(truth=obs.truth[k], map=s["map"][k],

@@ -136,6 +136,12 @@ def coolest_angle(phi):
     return xp.remainder(phi * (180.0 / np.pi), 180.0) - 90.0
 
 
+def _from_coolest_angle(phi_deg):
+    """Inverse of :func:`coolest_angle` up to its period: degrees East of North -> radians
+    counter-clockwise from +x (not wrapped)."""
+    return (phi_deg + 90.0) * (np.pi / 180.0)
+
+
 def to_coolest_pemd(r_ein, q, phi, gamma, x0=0.0, y0=0.0) -> dict:
     """difflens SPLE -> COOLEST ``PEMD`` parameters.
 
@@ -167,9 +173,8 @@ def from_coolest_pemd(theta_E, q, phi, gamma, center_x=0.0, center_y=0.0) -> dic
     (1.25, True)
     """
     xp = _ops(theta_E, q, phi)
-    return dict(r_ein=theta_E / xp.sqrt(q), q=q,
-                phi=xp.remainder((phi + 90.0) * (np.pi / 180.0), np.pi), gamma=gamma,
-                x0=center_x, y0=center_y)
+    return dict(r_ein=theta_E / xp.sqrt(q), q=q, phi=xp.remainder(_from_coolest_angle(phi), np.pi),
+                gamma=gamma, x0=center_x, y0=center_y)
 
 
 def to_coolest_shear(g1, g2) -> dict:
@@ -197,5 +202,5 @@ def from_coolest_shear(gamma_ext, phi_ext) -> dict:
     (0.0, 0.05)
     """
     xp = _ops(gamma_ext, phi_ext)
-    angle = (phi_ext + 90.0) * (np.pi / 180.0)
+    angle = _from_coolest_angle(phi_ext)
     return dict(g1=gamma_ext * xp.cos(2.0 * angle), g2=gamma_ext * xp.sin(2.0 * angle))
