@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from difflens.instrument import (add_noise, bin_pixels, convolve, gaussian_log_likelihood,
-                                 gaussian_psf, pixel_grid, pixel_psf, signal_to_noise)
+                                 gaussian_psf, pixel_grid, pixel_psf, separable_factors,
+                                 signal_to_noise)
 
 
 def test_pixel_grid_convention():
@@ -49,12 +50,15 @@ def test_pixel_psf_validation():
         pixel_psf(off)
 
 
-@pytest.mark.parametrize("method", ["direct", "fft"])
+@pytest.mark.parametrize("method", ["direct", "fft", "separable"])
 def test_convolution_conserves_flux_and_places_kernel(method):
     img = torch.zeros(2, 41, 41, dtype=torch.float64)
     img[0, 20, 20] = 1.0
     img[1, 10, 25] = 2.0
-    k = torch.rand(7, 5, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    # an asymmetric kernel (a mirrored kernel would fail); rank 1 so every method applies
+    k = torch.outer(torch.rand(7, dtype=torch.float64, generator=gen),
+                    torch.rand(5, dtype=torch.float64, generator=gen))
     k /= k.sum()
     out = convolve(img, k, method=method)
     torch.testing.assert_close(out.sum(dim=(-2, -1)), img.sum(dim=(-2, -1)))
@@ -69,6 +73,29 @@ def test_fft_and_direct_agree():
     img = torch.rand(64, 64, dtype=torch.float64)
     k = gaussian_psf(0.1, 0.04, dtype=torch.float64)
     torch.testing.assert_close(convolve(img, k, method="fft"), convolve(img, k, method="direct"))
+
+
+def test_separable_factors_detect_rank_one_kernels():
+    g = gaussian_psf(0.08, 0.04, dtype=torch.float64)
+    col, row = separable_factors(g)
+    torch.testing.assert_close(torch.outer(col, row), g)
+    # an elliptical (rotated) Gaussian is not a product of 1-d kernels
+    yy, xx = torch.meshgrid(torch.arange(-4.0, 5.0), torch.arange(-4.0, 5.0), indexing="ij")
+    u, v = (xx + yy) / 2**0.5, (yy - xx) / 2**0.5
+    tilted = torch.exp(-u**2 / 8.0 - v**2 / 2.0).double()
+    assert separable_factors(tilted) is None
+    with pytest.raises(ValueError, match="rank 1"):
+        convolve(torch.ones(20, 20, dtype=torch.float64), tilted, method="separable")
+
+
+def test_separable_convolution_gradient_matches_fft():
+    img = torch.rand(2, 30, 33, dtype=torch.float64, requires_grad=True)
+    k = gaussian_psf(0.1, 0.04, dtype=torch.float64)
+    w = torch.rand(2, 30 - k.shape[0] + 1, 33 - k.shape[1] + 1, dtype=torch.float64)
+    g_sep, = torch.autograd.grad((w * convolve(img, k, mode="valid", method="separable")).sum(),
+                                 img)
+    g_fft, = torch.autograd.grad((w * convolve(img, k, mode="valid", method="fft")).sum(), img)
+    torch.testing.assert_close(g_sep, g_fft)
 
 
 def test_bin_pixels_averages():

@@ -161,9 +161,12 @@ def convolve(image, kernel, *, mode="same", method="auto"):
         "same" pads with zeros (light beyond the edge is lost); "valid" returns
         (H - kh + 1, W - kw + 1) and is exact when the caller ray-traced a border of
         kh // 2, kw // 2 pixels, which is what :class:`difflens.simulate.Simulator` does.
-    method : {"auto", "direct", "fft"}
-        Direct ``conv2d`` or FFT; "auto" picks direct only for kernels up to 7x7: on CPU the FFT
-        is faster from 13x13 up, already for one image (``benchmarks/psf_convolution.py``).
+    method : {"auto", "direct", "fft", "separable"}
+        Direct ``conv2d``, FFT, or (for a kernel that is an outer product of two 1-d kernels,
+        such as a Gaussian; see :func:`separable_factors`) two 1-d passes written as sums of
+        shifted slices, which ``torch.compile`` fuses with the surrounding elementwise work.
+        "auto" picks direct only for kernels up to 7x7: on CPU the FFT is faster from 13x13 up,
+        already for one image (``benchmarks/psf_convolution.py``).
 
     Returns
     -------
@@ -180,6 +183,12 @@ def convolve(image, kernel, *, mode="same", method="auto"):
     kh, kw = kernel.shape
     if method == "auto":
         method = "direct" if max(kh, kw) <= 7 else "fft"
+    if method == "separable":
+        factors = separable_factors(kernel)
+        if factors is None:
+            raise ValueError("method='separable' needs a kernel that is an outer product of two "
+                             "1-d kernels (rank 1); this one is not")
+        return convolve_separable(image, *factors, mode=mode)
     lead = image.shape[:-2]
     h, w = image.shape[-2:]
     img = image.reshape(-1, 1, h, w)
@@ -198,6 +207,66 @@ def convolve(image, kernel, *, mode="same", method="auto"):
     else:
         raise ValueError(f"method must be 'auto', 'direct' or 'fft', got {method!r}")
     return out.reshape(*lead, *out.shape[-2:])
+
+
+def separable_factors(kernel, rtol=1e-7):
+    """Split a rank-1 kernel into 1-d factors: ``kernel = outer(column, row)``.
+
+    Parameters
+    ----------
+    kernel : Tensor (kh, kw)
+    rtol : float
+        The kernel counts as rank 1 when its second singular value is below ``rtol`` times the
+        first (a pixel-integrated Gaussian: ~1e-16; a measured HST or JWST PSF: not rank 1).
+
+    Returns
+    -------
+    (Tensor (kh,), Tensor (kw,)) or None
+        The column and row factors in the kernel's dtype, or None if the kernel is not rank 1.
+
+    Examples
+    --------
+    >>> col, row = separable_factors(gaussian_psf(0.05, 0.04, size=7))
+    >>> bool(torch.allclose(torch.outer(col, row), gaussian_psf(0.05, 0.04, size=7)))
+    True
+    """
+    k = torch.as_tensor(kernel).to(torch.float64)
+    u, sv, vh = torch.linalg.svd(k)
+    if sv.numel() > 1 and sv[1] > rtol * sv[0]:
+        return None
+    col, row = u[:, 0] * sv[0].sqrt(), vh[0] * sv[0].sqrt()
+    if col.sum() < 0:
+        col, row = -col, -row
+    return col.to(kernel.dtype), row.to(kernel.dtype)
+
+
+def convolve_separable(image, col, row, *, mode="same"):
+    """Convolve with the rank-1 kernel ``outer(col, row)`` as two 1-d passes.
+
+    Each pass is a sum of shifted slices, ``sum_a col[kh-1-a] * image[..., a:a+h, :]``, pure
+    elementwise work that ``torch.compile`` fuses into one loop (no FFT, no conv2d call).
+
+    Parameters
+    ----------
+    image : Tensor (..., H, W)
+    col, row : Tensor (kh,), (kw,)
+        The 1-d factors (:func:`separable_factors`).
+    mode : {"same", "valid"}
+        As in :func:`convolve`.
+
+    Returns
+    -------
+    Tensor (..., H', W')
+    """
+    kh, kw = col.numel(), row.numel()
+    col, row = col.to(image.dtype).flip(0), row.to(image.dtype).flip(0)
+    if mode == "same":
+        image = F.pad(image, (kw // 2, kw // 2, kh // 2, kh // 2))
+    elif mode != "valid":
+        raise ValueError(f"mode must be 'same' or 'valid', got {mode!r}")
+    h, w = image.shape[-2] - kh + 1, image.shape[-1] - kw + 1
+    rows = sum(col[a] * image[..., a:a + h, :] for a in range(kh))
+    return sum(row[b] * rows[..., :, b:b + w] for b in range(kw))
 
 
 def add_noise(image, noise_sigma, *, generator=None):

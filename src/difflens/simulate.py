@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .instrument import bin_pixels, convolve, gaussian_psf, pixel_grid, pixel_psf
+from .instrument import (bin_pixels, convolve, convolve_separable, gaussian_psf, pixel_grid,
+                         pixel_psf, separable_factors)
+from ._params import as_param
 from .lensing import default_spl_table, shear_deflection, spl_deflection
+from .lensing.spl import validate_spl
 
 #: Lens parameters, in method.md order and units (arcsec, radians).
 LENS_PARAMS = ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2")
@@ -123,6 +126,9 @@ class Simulator:
         self.pixel_scale = float(pixel_scale)
         self.supersample = int(supersample)
         self.psf = kernel
+        # a rank-1 kernel (a Gaussian) convolves as two 1-d passes of shifted slices, which the
+        # compiled graph fuses with the ray tracing; eager, the FFT is as fast
+        self._psf_factors = separable_factors(kernel) if compile else None
         self.pad = max(kernel.shape) // 2
         self.deflection_method = deflection_method
         self.table = default_spl_table() if deflection_method == "table" else None
@@ -143,6 +149,8 @@ class Simulator:
     def observe(self, surface_brightness):
         """Bin sub-pixels, convolve with the PSF and crop the border: (..., ny, nx)."""
         binned = bin_pixels(surface_brightness, self.supersample)
+        if self._psf_factors is not None:
+            return convolve_separable(binned, *self._psf_factors, mode="valid")
         return convolve(binned, self.psf, mode="valid")
 
     def image(self, lens: dict, source, lens_light=()):
@@ -169,11 +177,26 @@ class Simulator:
         if self._compiled is None:
             return self._render(lens, source, lens_light)
         with torch.no_grad():        # value checks cannot run inside a compiled graph: here
-            self._brightness(self.x[..., :1, :1], self.y[..., :1, :1], lens, source, lens_light)
+            self._check_parameters(lens, source, lens_light)
         # one graph per dtype, batch size, grad mode and source type: more than dynamo's
         # default of 8 per function, after which it would silently fall back to eager
         with torch._dynamo.config.patch(recompile_limit=64):
             return self._compiled(lens, source, lens_light)
+
+    def _check_parameters(self, lens, source, lens_light):
+        """The eager value checks of every parameter (finite, in range), without the physics;
+        a source or light profile without a ``validate`` method is evaluated on one pixel."""
+        missing = [k for k in LENS_PARAMS if k not in lens]
+        if missing:
+            raise KeyError(f"lens parameters missing: {missing}")
+        validate_spl(lens, self.x, method=self.deflection_method, table=self.table)
+        for k in ("g1", "g2"):
+            as_param(k, lens[k], self.x)
+        for profile in ([] if source is None else [source]) + list(lens_light):
+            if hasattr(profile, "validate"):
+                profile.validate(self.x)
+            else:
+                profile(self.x[None, ..., :1, :1], self.y[None, ..., :1, :1])
 
     def _brightness(self, x, y, lens, source, lens_light):
         """Unconvolved surface brightness on the grid ``x, y``: (B, *S), and whether batched."""

@@ -198,6 +198,24 @@ def _series_ratio_sum(q, gamma, xp, yp, tol):
     return qx * sr - yp * si, qx * si + yp * sr, r2s, centre
 
 
+def validate_spl(params: dict, like: torch.Tensor, *, method="table", table=None) -> dict:
+    """Convert the SPLE parameters ``r_ein, q, phi, gamma, x0, y0`` to tensors like ``like`` and
+    check them (finite; r_ein > 0, 0 < q <= 1, 1 < gamma < 3, and q inside the table with
+    ``method="table"``); errors name the parameter."""
+    p = {name: as_param(name, params[name], like)
+         for name in ("r_ein", "q", "phi", "gamma", "x0", "y0")}
+    check_range("r_ein", p["r_ein"], 0.0, math.inf)
+    check_range("q", p["q"], 0.0, 1.0, high_inclusive=True)
+    check_range("gamma", p["gamma"], 1.0, 3.0)
+    if method == "table":
+        q_min = (table if table is not None else default_spl_table()).q_min
+        check_range("q", p["q"], q_min, 1.0, low_inclusive=True, high_inclusive=True,
+                    hint=f"the deflection table covers q >= {q_min}; use method='series'")
+    elif method != "series":
+        raise ValueError(f"method must be 'table' or 'series', got {method!r}")
+    return p
+
+
 def spl_deflection(x, y, *, r_ein, q, phi, gamma, x0=0.0, y0=0.0, method="table",
                    table: SplTable | None = None, series_tol: float = 1e-10):
     """Deflection angle of a singular power-law ellipsoid.
@@ -238,17 +256,10 @@ def spl_deflection(x, y, *, r_ein, q, phi, gamma, x0=0.0, y0=0.0, method="table"
     1.0
     """
     x, y = as_coords(x, y)
-    raw = dict(r_ein=r_ein, q=q, phi=phi, gamma=gamma, x0=x0, y0=y0)
-    p = {name: as_param(name, value, x) for name, value in raw.items()}
-    check_range("r_ein", p["r_ein"], 0.0, math.inf)
-    check_range("q", p["q"], 0.0, 1.0, high_inclusive=True)
-    check_range("gamma", p["gamma"], 1.0, 3.0)
     if method == "table":
         table = table if table is not None else default_spl_table()
-        check_range("q", p["q"], table.q_min, 1.0, low_inclusive=True, high_inclusive=True,
-                    hint=f"the deflection table covers q >= {table.q_min}; use method='series'")
-    elif method != "series":
-        raise ValueError(f"method must be 'table' or 'series', got {method!r}")
+    p = validate_spl(dict(r_ein=r_ein, q=q, phi=phi, gamma=gamma, x0=x0, y0=y0), x,
+                     method=method, table=table)
 
     b, batch = broadcast_params(p, x.ndim)
     dx = x - b["x0"]

@@ -33,8 +33,13 @@ class Sersic:
     x0: object = 0.0
     y0: object = 0.0
 
+    def validate(self, like: torch.Tensor) -> dict:
+        """The parameters as tensors like ``like``, checked (errors name ``source <param>``)."""
+        return validate_sersic({k: getattr(self, k) for k in SERSIC_PARAMS}, like,
+                               prefix="source ")
+
     def __call__(self, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
-        p = validate_sersic({k: getattr(self, k) for k in SERSIC_PARAMS}, bx, prefix="source ")
+        p = self.validate(bx)
         nd = bx.ndim - 1
         return sersic_profile(bx, by, **{k: as_column(v, nd) for k, v in p.items()})
 
@@ -63,8 +68,13 @@ class PixelSource:
     s: object = 1.0
     amp: object = 1.0
 
-    def __call__(self, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
-        p = {k: as_param("source " + k, getattr(self, k), bx) for k in IMAGE_PARAMS}
+    def validate(self, like: torch.Tensor) -> dict:
+        """The placement parameters as tensors like ``like``, checked (s > 0, finite)."""
+        p = {k: as_param("source " + k, getattr(self, k), like) for k in IMAGE_PARAMS}
         check_range("source s", p["s"], 0.0, math.inf)
+        return p
+
+    def __call__(self, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        p = self.validate(bx)
         img = self.image if self.image.ndim == 3 else self.image[None]
         return sample_image(img.to(bx.dtype), bx, by, **p)
