@@ -25,15 +25,13 @@ placeholder) and the sky orientation is that of the image.  Redshifts are record
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
+from ._io import atomic_directory
 from .lensing.conventions import coolest_angle, to_coolest_pemd, to_coolest_shear
 from .model import ellipticity_to_q_phi
 
@@ -41,28 +39,6 @@ from .model import ellipticity_to_q_phi
 _ANGLES = ("phi", "phi_ext")
 _UNITS = dict(theta_E="arcsec", theta_eff="arcsec", center_x="arcsec", center_y="arcsec",
               phi="deg", phi_ext="deg")
-
-
-@contextmanager
-def atomic_directory(out_dir):
-    """Yield a temporary folder whose files are moved into ``out_dir`` only if the block
-    succeeds, so that a failure leaves nothing half-written there.
-
-    Examples
-    --------
-    >>> with atomic_directory("results") as tmp:                     # doctest: +SKIP
-    ...     (tmp / "summary.json").write_text("{}")
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".difflens-", dir=out_dir.parent))
-    try:
-        yield tmp
-        out_dir.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            f.replace(out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_coolest(fit, out_dir, *, z_lens=None, z_source=None) -> Path:

@@ -181,7 +181,8 @@ class LensFit:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from .coolest import atomic_directory, write_coolest_files
+        from ._io import atomic_directory
+        from .coolest import write_coolest_files
         from .plots import plot_corner, plot_fit
 
         with atomic_directory(out_dir) as tmp:

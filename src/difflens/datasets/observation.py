@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_path
+
 from ..instrument import pixel_psf
 
 
@@ -143,12 +145,10 @@ def write_observation(obs: Observation, path, overwrite=True) -> None:
         if vectors:
             table.header["VECTORS"] = json.dumps(vectors)[:60000]
         hdus.append(table)
-    tmp = path.with_name(path.name + ".tmp")
-    fits.HDUList(hdus).writeto(tmp, overwrite=True)
     if path.exists() and not overwrite:
-        os.remove(tmp)
         raise FileExistsError(path)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
 
 
 def read_observation(path, *, noise_sigma=None, noise_map=None, psf=None, mask=None,

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_path
+
 #: Default grid: (n_eta, n_q, n_gamma) and the smallest axis ratio covered.
 DEFAULT_SHAPE = (97, 69, 55)
 DEFAULT_Q_MIN = 0.1
@@ -157,10 +159,8 @@ def build_table(shape=DEFAULT_SHAPE, q_min=DEFAULT_Q_MIN, progress=True) -> SplT
 
 def save_table(table: SplTableData, path) -> None:
     """Write the table atomically (temporary file, then rename) as compressed npz."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, values=table.values, q_min=table.q_min)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        np.savez_compressed(tmp, values=table.values, q_min=table.q_min)
 
 
 def _candidate_paths():

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._io import atomic_path
+
 LATENT_DIM = 64
 SIGMA_D = 1.0 / 50.0
 
@@ -203,11 +205,8 @@ class VAESource(nn.Module):
 
 
 def _atomic_save(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_vae(decoder_path, encoder_path=None, map_location="cpu") -> VAESource:

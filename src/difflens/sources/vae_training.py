@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import atomic_path
 from .vae import Decoder, Encoder, LatentPrior, VAEConfig, VAESource
 
 
@@ -197,11 +198,10 @@ def train_vae(train: np.ndarray, val: np.ndarray, workdir, vae_config: VAEConfig
             state["bad_epochs"] += 1
         print(f"epoch {state['epoch']}: train ELBO {running / seen:.1f}, val ELBO {val_elbo:.1f} "
               f"per image ({state['seconds'] / 60:.1f} min)", flush=True)
-        tmp = ckpt_path.with_name("checkpoint.pt.tmp")
-        torch.save(dict(encoder=enc.state_dict(), decoder=dec.state_dict(),
-                        optim=optim.get_state(), state=state, best=best,
-                        generator=gen.get_state()), tmp)
-        tmp.replace(ckpt_path)
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(dict(encoder=enc.state_dict(), decoder=dec.state_dict(),
+                            optim=optim.get_state(), state=state, best=best,
+                            generator=gen.get_state()), tmp)
         (workdir / "history.json").write_text(json.dumps(state["history"], indent=1))
         if config.max_minutes is not None and state["seconds"] > 60 * config.max_minutes:
             print(f"stopping: time limit of {config.max_minutes} min reached")
