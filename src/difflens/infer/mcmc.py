@@ -75,8 +75,9 @@ def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=1
     evaluations, ``chunk`` of them per batched call; no second derivatives needed), symmetrised,
     its eigenvalues replaced by their absolute values (a MAP slightly off the optimum can leave
     negative ones) floored at ``min_curvature``.  That is the curvature at one point; with
-    bilinear interpolation (deflection table, source pixels) the gradient has kinks and the
-    point curvature can be wrong by factors of 30 in either direction.  So ``passes`` more
+    bilinear source pixels and a ReLU decoder the gradient has kinks, and on real lenses the
+    curvature also varies within one posterior width, so the point curvature can be wrong by
+    factors of 30 in either direction.  So ``passes`` more
     rounds re-measure it as a secant over ``secant_step`` posterior standard deviations along
     each axis of the current whitening, ``H_w = (g(x + d L e_i) - g(x - d L e_i)) L / 2d``, and
     update ``L <- L V |Lambda|^{-1/2}`` from the eigen-decomposition ``H_w = V Lambda V^T``: the
