@@ -102,3 +102,6 @@ def test_compiled_simulator_matches_eager_and_still_checks_its_input():
         fast.image(dict(LENS, r_ein=float("nan")), Sersic(**SRC))
     with pytest.raises(ValueError, match="source r_e"):
         fast.image(LENS, Sersic(**dict(SRC, r_e=-0.1)))
+    # the lens light alone (no source) needs no lens
+    light = Sersic(**SRC)
+    torch.testing.assert_close(fast.image(None, None, [light]), eager.image(None, None, [light]))

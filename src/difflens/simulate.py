@@ -185,13 +185,15 @@ class Simulator:
 
     def _check_parameters(self, lens, source, lens_light):
         """The eager value checks of every parameter (finite, in range), without the physics;
-        a source or light profile without a ``validate`` method is evaluated on one pixel."""
-        missing = [k for k in LENS_PARAMS if k not in lens]
-        if missing:
-            raise KeyError(f"lens parameters missing: {missing}")
-        validate_spl(lens, self.x, method=self.deflection_method, table=self.table)
-        for k in ("g1", "g2"):
-            as_param(k, lens[k], self.x)
+        a source or light profile without a ``validate`` method is evaluated on one pixel.  The
+        lens is checked only with a source (the lens light alone is imaged with ``lens=None``)."""
+        if source is not None:
+            missing = [k for k in LENS_PARAMS if k not in lens]
+            if missing:
+                raise KeyError(f"lens parameters missing: {missing}")
+            validate_spl(lens, self.x, method=self.deflection_method, table=self.table)
+            for k in ("g1", "g2"):
+                as_param(k, lens[k], self.x)
         for profile in ([] if source is None else [source]) + list(lens_light):
             if hasattr(profile, "validate"):
                 profile.validate(self.x)
