@@ -25,6 +25,13 @@ from .lensing.spl import validate_spl
 LENS_PARAMS = ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2")
 
 
+def _require_lens_params(lens: dict) -> None:
+    """Raise ``KeyError`` naming every parameter of :data:`LENS_PARAMS` that ``lens`` lacks."""
+    missing = [k for k in LENS_PARAMS if k not in lens]
+    if missing:
+        raise KeyError(f"lens parameters missing: {missing}")
+
+
 def deflection(x, y, lens: dict, *, method="table", table=None):
     """Total deflection of the SPLE + external shear lens.
 
@@ -52,9 +59,7 @@ def deflection(x, y, lens: dict, *, method="table", table=None):
     >>> round(float(ax[0]), 5)                                 # SIS: |alpha| = r_ein
     1.0
     """
-    missing = [k for k in LENS_PARAMS if k not in lens]
-    if missing:
-        raise KeyError(f"lens parameters missing: {missing}")
+    _require_lens_params(lens)
     ax, ay = spl_deflection(x, y, r_ein=lens["r_ein"], q=lens["q"], phi=lens["phi"],
                             gamma=lens["gamma"], x0=lens["x0"], y0=lens["y0"], method=method,
                             table=table)
@@ -188,9 +193,7 @@ class Simulator:
         a source or light profile without a ``validate`` method is evaluated on one pixel.  The
         lens is checked only with a source (the lens light alone is imaged with ``lens=None``)."""
         if source is not None:
-            missing = [k for k in LENS_PARAMS if k not in lens]
-            if missing:
-                raise KeyError(f"lens parameters missing: {missing}")
+            _require_lens_params(lens)
             validate_spl(lens, self.x, method=self.deflection_method, table=self.table)
             for k in ("g1", "g2"):
                 as_param(k, lens[k], self.x)
