@@ -1,7 +1,8 @@
 """Time the simulator on the peer-benchmark workload (../shared/bench/peers.py), side by side.
 
 256x256 pixels at 0.04", SPLE + external shear, elliptical Sersic source, 13x13 Gaussian PSF
-(sigma 0.05"), Gaussian log-likelihood.  Reports median milliseconds for one forward image, for
+(sigma 0.05"), Gaussian log-likelihood (``Simulator.log_likelihood``: image and likelihood in one
+compiled graph with ``compile=True``).  Reports median milliseconds for one forward image, for
 value + gradient w.r.t. all 15 lens and source parameters, and per image in a batch of 64 -- a
 forward batch, as the peers measure it, and a value + gradient batch -- in float32 and float64, for
 both SPLE methods, eager and ``torch.compile``-d (``Simulator(compile=True)``).
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import header, median_ms  # noqa: E402
 
-from difflens.instrument import add_noise, gaussian_log_likelihood, gaussian_psf  # noqa: E402
+from difflens.instrument import add_noise, gaussian_psf  # noqa: E402
 from difflens.simulate import Simulator  # noqa: E402
 from difflens.sources import Sersic  # noqa: E402
 
@@ -62,7 +63,7 @@ def run(dtype, method, runs, batch, device, compile=False):
     def value_and_grad(n=None):
         lens = {k: v.requires_grad_() for k, v in params(LENS_EVAL, n).items()}
         src = {k: v.requires_grad_() for k, v in params(SOURCE_EVAL, n).items()}
-        logl = gaussian_log_likelihood(sim.image(lens, Sersic(**src)), data, 0.1).sum()
+        logl = sim.log_likelihood(data, 0.1, lens, Sersic(**src)).sum()
         torch.autograd.grad(logl, [*lens.values(), *src.values()])
         sync()
 

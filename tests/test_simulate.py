@@ -96,6 +96,24 @@ def test_compiled_simulator_matches_eager_and_still_checks_its_input():
 
     for a, b in zip(value_and_grad(eager), value_and_grad(fast)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-8)
+
+    # the fused likelihood (one compiled graph for image + likelihood) against the eager pieces
+    mask = torch.rand(32, 32, generator=torch.Generator().manual_seed(3)) > 0.3
+
+    def fused(sim):
+        n = torch.tensor(1.4, dtype=torch.float64, requires_grad=True)
+        rr = r.clone().requires_grad_()
+        ll = sim.log_likelihood(data, 0.05, dict(LENS, r_ein=rr), Sersic(**dict(SRC, n=n)),
+                                mask=mask)
+        return (ll, *torch.autograd.grad(ll.sum(), (rr, n)))
+
+    rr, n = r.clone().requires_grad_(), torch.tensor(1.4, dtype=torch.float64, requires_grad=True)
+    ll = gaussian_log_likelihood(eager.image(dict(LENS, r_ein=rr), Sersic(**dict(SRC, n=n))),
+                                 data, 0.05, mask)
+    reference = (ll, *torch.autograd.grad(ll.sum(), (rr, n)))
+    for sim in (eager, fast):
+        for a, b in zip(reference, fused(sim)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-8)
     with pytest.raises(ValueError, match="'q'"):
         fast.image(dict(LENS, q=1.3), Sersic(**SRC))
     with pytest.raises(ValueError, match="r_ein"):
@@ -105,3 +123,26 @@ def test_compiled_simulator_matches_eager_and_still_checks_its_input():
     # the lens light alone (no source) needs no lens
     light = Sersic(**SRC)
     torch.testing.assert_close(fast.image(None, None, [light]), eager.image(None, None, [light]))
+
+
+def test_log_likelihood_checks_the_observation():
+    sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
+    data = torch.zeros(16, 16, dtype=torch.float64)
+    src = Sersic(**SRC)
+    with pytest.raises(ValueError, match="does not match the simulator grid"):
+        sim.log_likelihood(torch.zeros(15, 16), 0.1, LENS, src)
+    with pytest.raises(ValueError, match="non-finite"):
+        sim.log_likelihood(torch.full((16, 16), float("nan")), 0.1, LENS, src)
+    with pytest.raises(ValueError, match="noise_sigma must be finite and positive"):
+        sim.log_likelihood(data, -0.1, LENS, src)
+    with pytest.raises(ValueError, match="noise map shape"):
+        sim.log_likelihood(data, torch.ones(8, 8), LENS, src)
+    with pytest.raises(ValueError, match="mask shape"):
+        sim.log_likelihood(data, 0.1, LENS, src, mask=torch.ones(4, 4, dtype=torch.bool))
+    # a batch of observations meets a batch of lenses: one value each, as two separate calls
+    batch = torch.stack([data, data + 0.3])
+    lens = dict(LENS, r_ein=torch.tensor([1.1, 1.3], dtype=torch.float64))
+    both = sim.log_likelihood(batch, 0.1, lens, src)
+    for k in range(2):
+        one = sim.log_likelihood(batch[k], 0.1, dict(LENS, r_ein=float(lens["r_ein"][k])), src)
+        torch.testing.assert_close(both[k], one)

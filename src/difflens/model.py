@@ -435,20 +435,12 @@ class LensModel:
         return fresh
 
     def _checked(self, data, sigma, mask):
-        """Validate an observation against the grid: shapes, finite data, positive noise."""
-        if data.shape != self.simulator.npix:
-            raise ValueError(f"data shape {tuple(data.shape)} does not match the simulator grid "
-                             f"{self.simulator.npix}")
-        if not torch.isfinite(data).all():
-            raise ValueError("data contain non-finite pixels; mask them or replace them")
-        if sigma.ndim not in (0, 2) or (sigma.ndim == 2 and sigma.shape != data.shape):
-            raise ValueError(f"noise map shape {tuple(sigma.shape)} does not match the data "
-                             f"{tuple(data.shape)}")
-        if not torch.isfinite(sigma).all() or (sigma <= 0).any():
-            raise ValueError("noise_sigma must be finite and positive")
-        if mask is not None and mask.shape != data.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the data")
-        return data, sigma, mask
+        """Validate one observation (ny, nx) against the grid: shapes, finite data, positive
+        noise (:meth:`Simulator.check_observation`)."""
+        if data.ndim != 2:
+            raise ValueError(f"data must be one image (ny, nx), got shape {tuple(data.shape)}; "
+                             "use LensModel.stack for several")
+        return self.simulator.check_observation(data, sigma, mask)
 
     @property
     def lens_sites(self):

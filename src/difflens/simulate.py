@@ -13,10 +13,14 @@ is scattered in exactly as on a real detector.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+
 import torch
 
-from .instrument import (bin_pixels, convolve, convolve_separable, gaussian_psf, pixel_grid,
-                         pixel_psf, separable_factors)
+from .instrument import (bin_pixels, convolve, convolve_separable, gaussian_log_likelihood,
+                         gaussian_psf, pixel_grid, pixel_psf, separable_factors)
 from ._params import as_param
 from .lensing import default_spl_table, shear_deflection, spl_deflection
 from .lensing.spl import validate_spl
@@ -104,10 +108,11 @@ class Simulator:
     dtype, device : torch dtype and device of the grid (and so of every prediction).
     compile : bool
         Run ray tracing, source, lens light and PSF as one ``torch.compile``-d graph (fused
-        elementwise kernels; needs a C/C++ compiler on CPU).  About 2x faster for value +
+        elementwise kernels; needs a C/C++ compiler on CPU).  About 3x faster for value +
         gradient on a 256^2 image (``benchmarks/RESULTS.md``), after a one-off compilation of
         20-60 s per new batch size, dtype or source type.  The parameters are still checked
-        (finite, in range) eagerly, on a one-pixel probe grid, before each call.
+        (finite, in range) eagerly before each call.  :meth:`log_likelihood` puts the
+        likelihood into the same graph.
 
     Examples
     --------
@@ -139,7 +144,11 @@ class Simulator:
         self.table = default_spl_table() if deflection_method == "table" else None
         self.x, self.y = pixel_grid(self.npix, pixel_scale, supersample=supersample, pad=self.pad,
                                     dtype=dtype, device=device)
-        self._compiled = torch.compile(self._render) if compile else None
+        if self.table is not None:     # its coefficients in this dtype: made here, not in a graph
+            self.table.coefficients(self.x.dtype, self.x.device)
+        self._compiled = torch.compile(_saving_activations(self._render)) if compile else None
+        self._compiled_loglik = (torch.compile(_saving_activations(self._log_likelihood))
+                                 if compile else None)
 
     @property
     def extent(self):
@@ -183,10 +192,82 @@ class Simulator:
             return self._render(lens, source, lens_light)
         with torch.no_grad():        # value checks cannot run inside a compiled graph: here
             self._check_parameters(lens, source, lens_light)
-        # one graph per dtype, batch size, grad mode and source type: more than dynamo's
-        # default of 8 per function, after which it would silently fall back to eager
-        with torch._dynamo.config.patch(recompile_limit=64):
+        with _compiling():
             return self._compiled(lens, source, lens_light)
+
+    def log_likelihood(self, data, noise_sigma, lens: dict, source, lens_light=(), mask=None):
+        """Gaussian log-likelihood of ``data`` given the predicted image (eq. 9), in one step.
+
+        The same value as ``gaussian_log_likelihood(self.image(lens, source, lens_light), data,
+        noise_sigma, mask)``; with ``compile=True`` the likelihood is fused into the compiled
+        graph of the image (and of its gradient), which saves the eager passes over the pixels.
+
+        Parameters
+        ----------
+        data : Tensor (ny, nx) or (B, ny, nx)
+            Observed image(s) on this simulator's grid, image units.
+        noise_sigma : float or Tensor, () / (ny, nx) / like ``data``
+            Pixel noise standard deviation, image units, > 0.
+        lens, source, lens_light
+            As for :meth:`image`.
+        mask : Tensor of bool, (ny, nx) or like ``data``, optional
+            True for pixels that enter the likelihood.
+
+        Returns
+        -------
+        Tensor () or (B,)
+            log L, one value per lens of a batch.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from difflens.sources import Sersic
+        >>> sim = Simulator(npix=32, pixel_scale=0.1, dtype=torch.float64)
+        >>> lens = dict(r_ein=1.0, q=0.8, phi=0.3, gamma=2.0, x0=0.0, y0=0.0, g1=0.0, g2=0.0)
+        >>> src = Sersic(amp=1.0, r_e=0.2, n=1.0)
+        >>> data = sim.image(lens, src)
+        >>> ll = sim.log_likelihood(data, 0.1, lens, src)       # a perfect model: chi^2 = 0
+        >>> bool(torch.isclose(ll, -0.5 * 32 * 32 * torch.log(torch.tensor(2 * torch.pi * 0.01,
+        ...                                                   dtype=torch.float64))))
+        True
+        """
+        if source is None and not lens_light:
+            raise ValueError("nothing to image: give a source or lens light")
+        data, sigma, mask = self.check_observation(data, noise_sigma, mask)
+        if self._compiled_loglik is None:
+            return self._log_likelihood(lens, source, lens_light, data, sigma, mask)
+        with torch.no_grad():
+            self._check_parameters(lens, source, lens_light)
+        with _compiling():
+            return self._compiled_loglik(lens, source, lens_light, data, sigma, mask)
+
+    def check_observation(self, data, noise_sigma, mask=None):
+        """Validate an observation against this grid and return it as tensors of the grid's dtype
+        and device: ``data`` (ny, nx) or (B, ny, nx), finite; ``noise_sigma`` a scalar, (ny, nx)
+        or data-shaped, finite and > 0; ``mask`` None or bool, (ny, nx) or data-shaped.  Errors
+        name the problem."""
+        dtype, device = self.x.dtype, self.x.device
+        data = torch.as_tensor(data, dtype=dtype, device=device)
+        sigma = torch.as_tensor(noise_sigma, dtype=dtype, device=device)
+        if data.ndim not in (2, 3) or tuple(data.shape[-2:]) != self.npix:
+            raise ValueError(f"data shape {tuple(data.shape)} does not match the simulator grid "
+                             f"{self.npix}")
+        if not torch.isfinite(data).all():
+            raise ValueError("data contain non-finite pixels; mask them or replace them")
+        if sigma.ndim != 0 and sigma.shape not in (data.shape, data.shape[-2:]):
+            raise ValueError(f"noise map shape {tuple(sigma.shape)} does not match the data "
+                             f"{tuple(data.shape)}")
+        if not torch.isfinite(sigma).all() or (sigma <= 0).any():
+            raise ValueError("noise_sigma must be finite and positive")
+        if mask is not None:
+            mask = torch.as_tensor(mask, dtype=torch.bool, device=device)
+            if mask.shape not in (data.shape, data.shape[-2:]):
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match the data "
+                                 f"{tuple(data.shape)}")
+        return data, sigma, mask
+
+    def _log_likelihood(self, lens, source, lens_light, data, sigma, mask):
+        return gaussian_log_likelihood(self._render(lens, source, lens_light), data, sigma, mask)
 
     def _check_parameters(self, lens, source, lens_light):
         """The eager value checks of every parameter (finite, in range), without the physics;
@@ -223,3 +304,63 @@ class Simulator:
         brightness, batched = self._brightness(self.x, self.y, lens, source, lens_light)
         img = self.observe(brightness)
         return img if batched or img.shape[0] > 1 else img[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile helpers
+# ----------------------------------------------------------------------------------------------
+_SAC_LOGGER = logging.getLogger("torch._higher_order_ops.wrap")
+
+
+class _DropSacNotice(logging.Filter):
+    """Drops torch's one-off notice that a checkpoint policy is used under torch.compile (our
+    policy only chooses what to keep for the backward; the region has no in-place ops)."""
+
+    def filter(self, record):
+        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _compiling():
+    """Settings around a call of a compiled simulator function: one graph per dtype, batch size,
+    grad mode and source type is more than dynamo's default of 8 per function (after which it
+    would silently fall back to eager), and torch's checkpoint-policy notice is dropped."""
+    notice = _DropSacNotice()
+    _SAC_LOGGER.addFilter(notice)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            yield
+    finally:
+        _SAC_LOGGER.removeFilter(notice)
+
+
+def _saving_activations(fn):
+    """``fn`` with a selective-checkpoint policy that makes its compiled backward reuse the
+    forward's results instead of recomputing them.
+
+    Left alone, the compiler's partitioner recomputes cheap-looking pointwise ops in the
+    backward to save memory traffic -- right for a GPU, but on a CPU it repeats the atan2, exp,
+    log and pow of every pixel.  Marking them must-save (and everything else prefer-save) made
+    value + gradient of a 256^2 image ~25% faster on our 2-core CPU (``benchmarks/RESULTS.md``).
+    Needs torch >= 2.4; with older torch ``fn`` is returned unchanged.
+    """
+    try:
+        from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                            create_selective_checkpoint_contexts)
+    except ImportError:                                            # pragma: no cover
+        return fn
+    aten = torch.ops.aten
+    expensive = {aten.atan2.default, aten.exp.default, aten.log.default, aten.sqrt.default,
+                 aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.sin.default,
+                 aten.cos.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in expensive else CheckpointPolicy.PREFER_SAVE
+
+    context = functools.partial(create_selective_checkpoint_contexts, policy)
+
+    @functools.wraps(fn)
+    def saving(*args):
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=context)
+
+    return saving

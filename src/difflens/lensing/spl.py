@@ -72,18 +72,66 @@ def _bspline_prefilter(n: int, boundary: str) -> np.ndarray:
     return np.linalg.inv(a)[:, :n]
 
 
-def _bspline_weights(t: torch.Tensor, n: int):
+def _bspline_weights(t: torch.Tensor, n: int, derivative: bool = False):
     """Knot interval and the four cubic B-spline weights at continuous node coordinate ``t``.
 
     Returns the index of the first of the four padded coefficients (0..n-2) and weights of shape
-    ``t.shape + (4,)``.  ``t`` is expected in [0, n - 1].
+    ``t.shape + (4,)`` -- and, with ``derivative``, their derivatives d/dt.  ``t`` is expected
+    in [0, n - 1].
     """
     i = torch.clamp(torch.floor(t.detach()), 0, n - 2)
     u = t - i
     u2 = u * u
     u3 = u2 * u
     w = torch.stack([(1 - u) ** 3, 3 * u3 - 6 * u2 + 4, -3 * u3 + 3 * u2 + 3 * u + 1, u3], -1)
-    return i.long(), w / 6.0
+    if not derivative:
+        return i.long(), w / 6.0
+    dw = torch.stack([-3 * (1 - u) ** 2, 9 * u2 - 12 * u, -9 * u2 + 6 * u + 3, 3 * u2], -1)
+    return i.long(), w / 6.0, dw / 6.0
+
+
+def _eta_taps(coef: torch.Tensor, i: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_j coef[b, c, i[b, p] + j] w[b, p, j]``: coef (B, C, m), i (B, P), w (B, P, 4)
+    -> (B, C, P).  Four gathers with a broadcast index, which a compiled graph turns into loads
+    inside its fused loop."""
+    out = 0.0
+    for j in range(4):
+        idx = (i + j)[:, None, :].expand(-1, coef.shape[1], -1)
+        out = out + torch.gather(coef, 2, idx) * w[:, None, :, j]
+    return out
+
+
+class _EtaSpline(torch.autograd.Function):
+    """The cubic spline in eta of the table, with gradients that need no scatter.
+
+    forward(coef, t, tf, tg) -> R (B, 2, P): ``coef`` (B, 3, 2, n + 2) holds, per lens, the
+    eta-coefficients of R_0, R_1 and of their derivatives in the q and gamma node coordinates
+    ``tf, tg`` (B,) (the tensor-product spline differentiated analytically); ``t`` (B, P) is the
+    eta node coordinate.  The backward reads those derivative coefficients at the pixels, so the
+    gradient never scatters pixel contributions back into the coefficient array (a slow
+    scatter-add, and the only part of the simulator a compiled graph cannot fuse).  ``coef``
+    itself gets no gradient (``tf, tg`` carry it); second derivatives are not provided (the
+    backward raises if differentiated again).
+    """
+
+    @staticmethod
+    def forward(ctx, coef, t, tf, tg):
+        i, w = _bspline_weights(t, coef.shape[-1] - 2)
+        ctx.save_for_backward(coef, t)
+        return _eta_taps(coef[:, 0], i, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("second derivatives through the SPLE deflection table are not "
+                               "available (create_graph=True); use method='series'")
+        coef, t = ctx.saved_tensors
+        n = coef.shape[-1] - 2
+        i, w, dw = _bspline_weights(t, n, derivative=True)
+        d_t = (grad * _eta_taps(coef[:, 0], i, dw)).sum(1)
+        d_fg = (grad[:, None] * _eta_taps(coef[:, 1:].flatten(1, 2), i, w).unflatten(1, (2, 2)))
+        d_fg = d_fg.sum((2, 3))
+        return None, d_t, d_fg[:, 0], d_fg[:, 1]
 
 
 class SplTable:
@@ -131,16 +179,18 @@ class SplTable:
         n_eta, n_q, n_gamma = self.shape
         coef = self.coefficients(eta.dtype, eta.device)
         taps = torch.arange(4, device=eta.device)
-        i_f, w_f = _bspline_weights(q_to_f(q) / self.f_max * (n_q - 1), n_q)
-        i_g, w_g = _bspline_weights((gamma - 1.0) / 2.0 * (n_gamma - 1), n_gamma)
-        idx_f = (i_f[:, None] + taps)[:, :, None]
-        idx_g = (i_g[:, None] + taps)[:, None, :]
-        sub = coef[:, idx_f, idx_g, :]  # (n_eta + 2, B, 4, 4, 2)
-        c_eta = torch.einsum("ebfgk,bf,bg->bke", sub, w_f, w_g)  # (B, 2, n_eta + 2)
-        i_e, w_e = _bspline_weights(eta * ((n_eta - 1) / (math.pi / 2)), n_eta)
-        idx = (i_e[..., None] + taps).reshape(eta.shape[0], 1, -1).expand(-1, 2, -1)
-        picked = torch.gather(c_eta, 2, idx).reshape(eta.shape[0], 2, *eta.shape[1:], 4)
-        r = (picked * w_e.unsqueeze(1)).sum(-1)
+        t_f = q_to_f(q) / self.f_max * (n_q - 1)
+        t_g = (gamma - 1.0) / 2.0 * (n_gamma - 1)
+        with torch.no_grad():
+            i_f, w_f, dw_f = _bspline_weights(t_f, n_q, derivative=True)
+            i_g, w_g, dw_g = _bspline_weights(t_g, n_gamma, derivative=True)
+            idx_f = (i_f[:, None] + taps)[:, :, None]
+            idx_g = (i_g[:, None] + taps)[:, None, :]
+            sub = coef[:, idx_f, idx_g, :]  # (n_eta + 2, B, 4, 4, 2)
+            # eta-coefficients of R and of dR/dt_f, dR/dt_g: (B, 3, 2, n_eta + 2)
+            c_eta = torch.einsum("ebfgk,bsf,bsg->bske", sub, torch.stack([w_f, dw_f, w_f], 1),
+                                 torch.stack([w_g, w_g, dw_g], 1))
+        r = _EtaSpline.apply(c_eta, eta * ((n_eta - 1) / (math.pi / 2)), t_f, t_g)
         return r[:, 0], r[:, 1]
 
 
@@ -236,7 +286,9 @@ def spl_deflection(x, y, *, r_ein, q, phi, gamma, x0=0.0, y0=0.0, method="table"
     x0, y0 : float or Tensor () or (B,)
         Lens centre, arcsec.
     method : {"table", "series"}
-        Smooth table interpolation (fast, C2, relative error < 1e-5) or the exact series.
+        Smooth table interpolation (fast, C2, relative error < 1e-5) or the exact series.  The
+        table gives exact first derivatives of its spline; for second derivatives
+        (``create_graph=True``, Hessians) use the series.
     table : SplTable, optional
         Interpolation table; defaults to :func:`default_spl_table`.
     series_tol : float
