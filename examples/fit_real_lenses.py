@@ -12,6 +12,8 @@ restarts; saved at once) and then HMC of mass and source with the lens light hel
 For each lens the script writes ``summary.json``, ``fit.png`` (data, model, normalised residual,
 source), ``corner.png``, ``posterior.nc`` and the COOLEST model (``coolest.json`` + FITS files,
 pixel frame) under ``--out/NAME`` and prints reduced chi^2 and r_ein / theta_E with posterior sd.
+The HMC state is checkpointed to ``--out/NAME.hmc-checkpoint.pt``: rerun the same command to
+resume an interrupted run.
 
 Coordinates are the pixel frame (x along columns, y along rows, arcsec from the cutout centre), not
 RA/Dec: position angles are mirrored with respect to the sky for these images.
@@ -78,8 +80,11 @@ def main(argv=None):
         if args.samples > 0:
             # lens light held at its MAP (see fit_lens(sample_lens_light=...)): with it free,
             # HMC crawls (steps ~0.02) where a Sersic index presses against its prior bound
+            # the sampler's state is kept beside the results: rerunning the same command resumes
+            # an interrupted run (the MAP is recomputed, identically, from the same seed)
             fit = fit.sample(args.samples, warmup=args.warmup, chains=args.chains,
-                             sample_lens_light=False, seed=args.seed)
+                             sample_lens_light=False, seed=args.seed,
+                             checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
             out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()
         line = {"reduced_chi2": round(s["reduced_chi2"], 3),

@@ -148,7 +148,7 @@ class LensFit:
         return "\n".join(lines)
 
     def sample(self, samples=500, *, warmup=200, chains=4, sampler="hmc", max_tree_depth=7,
-               sample_lens_light=True, seed=0, progress=True) -> "LensFit":
+               sample_lens_light=True, seed=0, progress=True, checkpoint=None) -> "LensFit":
         """This fit with a posterior sampled from its MAP (see :func:`fit_lens` for the
         arguments); the MAP can be saved before a long sampling run starts.
 
@@ -165,7 +165,7 @@ class LensFit:
             sites = {k: v for k, v in sites.items() if k not in light}
         post = sample_posterior(model, sites, num_samples=samples, warmup=warmup, chains=chains,
                                 seed=seed, method=sampler, max_tree_depth=max_tree_depth,
-                                progress=progress)
+                                progress=progress, checkpoint=checkpoint)
         return LensFit(self.observation, self.model, self.map, post)
 
     def save(self, out_dir, coolest=False) -> Path:
@@ -211,7 +211,7 @@ class LensFit:
 def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
              flux_scale="auto", supersample=1, steps=2000, restarts=4, samples=0, warmup=200,
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, seed=0,
-             dtype=torch.float64, progress=True, init=None) -> LensFit:
+             dtype=torch.float64, progress=True, init=None, checkpoint=None) -> LensFit:
     """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
     Parameters
@@ -235,6 +235,9 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         drifted to long trajectories.
     seed : int
         Makes the whole fit reproducible.
+    checkpoint : str or Path, optional
+        HMC state file: the sampler saves its state there as it runs, and the same call resumes
+        an interrupted run from it (same draws).
 
     Examples
     --------
@@ -252,7 +255,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     if samples > 0:
         fit = fit.sample(samples, warmup=warmup, chains=chains, sampler=sampler,
                          max_tree_depth=max_tree_depth, sample_lens_light=sample_lens_light,
-                         seed=seed, progress=progress)
+                         seed=seed, progress=progress, checkpoint=checkpoint)
     return fit
 
 

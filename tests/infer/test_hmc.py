@@ -128,3 +128,42 @@ def test_hmc_rejects_bad_input():
         hmc(pot, torch.zeros(3), progress=False)
     with pytest.raises(ValueError, match="non-finite"):
         hmc(lambda u: pot(u) + torch.log(u[:, 0]), -torch.ones(2, 3), progress=False)
+
+
+def test_hmc_resumes_from_a_checkpoint_with_the_same_draws(tmp_path):
+    """An interrupted run continued from its checkpoint gives exactly the uninterrupted draws;
+    a checkpoint written with other settings is refused."""
+    prec = torch.tensor([[4.0, 1.5], [1.5, 2.0]], dtype=torch.float64)
+
+    def potential(u):
+        return 0.5 * torch.einsum("ci,ij,cj->c", u, prec, u)
+
+    u0 = torch.tensor([[0.5, -0.3], [1.0, 0.2], [-0.4, 0.1]], dtype=torch.float64)
+    kw = dict(num_samples=30, warmup=60, seed=3, progress=False)
+    full, full_stats = hmc(potential, u0, **kw)
+
+    calls = {"n": 0}
+
+    def interrupted(u):
+        calls["n"] += 1
+        if calls["n"] > 400:                     # somewhere inside the warm-up windows
+            raise KeyboardInterrupt
+        return potential(u)
+
+    path = tmp_path / "chains.pt"
+    with pytest.raises(KeyboardInterrupt):
+        hmc(interrupted, u0, checkpoint=path, checkpoint_every=7, **kw)
+    assert path.exists() and not list(tmp_path.glob("*.tmp"))
+    assert 0 < torch.load(path, weights_only=False)["iteration"] < 90
+    resumed, stats = hmc(potential, u0, checkpoint=path, checkpoint_every=7, **kw)
+    assert torch.equal(resumed, full)
+    assert torch.equal(stats["accept"], full_stats["accept"])
+    with pytest.raises(ValueError, match="seed"):
+        hmc(potential, u0, checkpoint=path, **dict(kw, seed=4))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        hmc(potential, u0, checkpoint=path, **kw)
+    path.unlink()
+    hmc(potential, u0, checkpoint=path, **kw)
+    with pytest.raises(ValueError, match="start_potential"):     # another posterior, same starts
+        hmc(lambda u: 2.0 * potential(u), u0, checkpoint=path, **kw)

@@ -25,10 +25,13 @@ tree, so chains cannot share one batched call per step.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from pyro import poutine
 from tqdm.auto import tqdm
+
+from .._io import atomic_path
 
 
 class FlatSites:
@@ -213,7 +216,7 @@ def _safe(potential):
 
 def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_length=2.2,
         max_steps=64, max_steps_ratio=3.0, dense=True, groups=None, seed=0, progress=True,
-        desc="HMC"):
+        desc="HMC", checkpoint=None, checkpoint_every=20):
     """Run ``C`` HMC chains at once from ``u0`` (shape ``(C, D)``).
 
     Parameters
@@ -254,6 +257,14 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     seed : int
     progress : bool
         Progress bar (with the current mean acceptance and step size).
+    checkpoint : str or Path, optional
+        File holding the sampler's whole state (positions, adaptation, random generator, draws
+        so far), rewritten atomically every ``checkpoint_every`` iterations and at the end.  If
+        it exists when ``hmc`` starts, the run resumes from it and returns exactly the draws an
+        uninterrupted run would; a file written with other settings, starting points or target
+        density (its value at the starts) raises ``ValueError`` (delete it to start afresh).
+    checkpoint_every : int
+        Iterations between checkpoint writes.
 
     Returns
     -------
@@ -315,7 +326,29 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     eps = _initial_step_size(pot_v, v, pot, grad, gen)
     da = dual_averaging_state(eps)
     draws, accepts, divergent, n_steps_kept = [], [], [], []
-    bar = tqdm(range(warmup + num_samples), desc=desc, disable=not progress, leave=False)
+    start = 0
+    settings = dict(u0=u0.detach().cpu(), groups=groups.cpu(), num_samples=num_samples,
+                    warmup=warmup, target_accept=target_accept, path_length=path_length,
+                    max_steps=max_steps, max_steps_ratio=max_steps_ratio, dense=dense, seed=seed,
+                    start_potential=pot.detach().cpu())     # a fingerprint of the target density
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = _load_checkpoint(checkpoint, settings, u0.device)
+        (start, v, pot, grad, eps, da, scale, window, window_ends, rejected_updates, draws,
+         accepts, divergent, n_steps_kept) = (state[k] for k in _STATE)
+        scale = scale.clone()
+        gen.set_state(state["generator"])
+
+    def save(next_it):
+        if checkpoint is None:
+            return
+        state = dict(zip(_STATE, (next_it, v, pot, grad, eps, da, scale, window, window_ends,
+                                  rejected_updates, draws, accepts, divergent, n_steps_kept)))
+        state.update(settings=settings, generator=gen.get_state())
+        with atomic_path(checkpoint) as tmp:
+            torch.save(_to_cpu(state), tmp)
+
+    bar = tqdm(range(start, warmup + num_samples), desc=desc, disable=not progress, leave=False,
+               initial=start, total=warmup + num_samples)
     for it in bar:
         jitter = 0.5 + 0.5 * torch.rand((), generator=gen, **kw)
         # each chain takes its own number of steps, so that every chain travels the same
@@ -386,11 +419,65 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
             n_steps_kept.append(steps_c)
         bar.set_postfix(accept=f"{float(accept_prob.mean()):.2f}", step=f"{float(eps.median()):.3f}",
                         L=n_steps)
+        if (it + 1) % checkpoint_every == 0 or it + 1 == warmup + num_samples:
+            save(it + 1)
     bar.close()
     stats = dict(accept=torch.stack(accepts, 1), step_size=eps,
                  n_steps=torch.stack(n_steps_kept, 1), divergent=torch.stack(divergent, 1),
                  scale=scale, rejected_updates=rejected_updates)
     return torch.stack(draws, 1), stats
+
+
+_STATE = ("iteration", "v", "pot", "grad", "eps", "dual_averaging", "scale", "window",
+          "window_ends", "rejected_updates", "draws", "accepts", "divergent", "n_steps")
+
+
+def _to_cpu(obj):
+    """``obj`` (nested dicts, lists, tuples of tensors and numbers) with every tensor on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _to_device(obj, device):
+    """Inverse of :func:`_to_cpu`: every tensor of ``obj`` on ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _load_checkpoint(path, settings, device):
+    """Read an HMC checkpoint and check it was written for these ``settings``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state["settings"]
+    except Exception as exc:
+        raise ValueError(f"HMC checkpoint {path} cannot be read ({exc}); delete it to start "
+                         "afresh") from exc
+    def same(a, b):
+        if not torch.is_tensor(b):
+            return a == b
+        if not torch.is_tensor(a) or a.shape != b.shape:
+            return False
+        return torch.allclose(a, b, rtol=1e-6, atol=1e-9) if b.is_floating_point() else \
+            torch.equal(a, b)
+
+    differ = [k for k, val in settings.items() if k not in saved or not same(saved[k], val)]
+    if differ:
+        raise ValueError(f"HMC checkpoint {path} was written with other {differ}; delete it or "
+                         "choose another path to start afresh")
+    generator = state.pop("generator")
+    state = _to_device(state, device)
+    state["generator"] = generator
+    return state
 
 
 def _adaptation_windows(warmup, init=0.15, term=0.1, first=25):

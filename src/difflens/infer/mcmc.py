@@ -137,7 +137,7 @@ def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=1
 def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=300, chains=4,
                      method="hmc", seed=0, target_accept=0.8, path_length=2.2, max_tree_depth=8,
                      whiten=True, full_mass=False, adapt_mass_matrix=None, start_spread=0.3,
-                     progress=True) -> Posterior:
+                     progress=True, checkpoint=None) -> Posterior:
     """Sample the posterior of ``model`` from ``init`` (normally ``MAPResult.sample_sites()``).
 
     Parameters
@@ -174,6 +174,10 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         Chains start at u ~ N(0, start_spread^2) around the MAP (whitened units): overdispersed
         so that R-hat means something, close enough not to land in another mode of the latent
         space.
+    checkpoint : str or Path, optional
+        HMC only: a file where the sampler's state is saved as it runs; rerunning the same call
+        resumes an interrupted run from it, with the same draws
+        (:func:`difflens.infer.hmc.hmc`).
 
     Returns
     -------
@@ -194,7 +198,9 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         return sample_posterior_batch(
             [model], [init], num_samples=num_samples, warmup=warmup, chains=chains, seed=seed,
             target_accept=target_accept, path_length=path_length, whiten=whiten,
-            start_spread=start_spread, progress=progress)[0]
+            start_spread=start_spread, progress=progress, checkpoint=checkpoint)[0]
+    if checkpoint is not None:
+        raise ValueError("checkpoints are kept by method='hmc' only, not by Pyro's NUTS")
     space = FlatSites(model, init_strategy=init_to_value(values=init))
     flat0 = space.start
     batched = space.potential(model)
@@ -216,7 +222,7 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
 
 def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains=4, seed=0,
                            target_accept=0.8, path_length=2.2, whiten=True, start_spread=0.3,
-                           progress=True) -> list:
+                           progress=True, checkpoint=None) -> list:
     """HMC posteriors of many lenses at once: ``len(models) x chains`` chains in one batch.
 
     Every leapfrog step is one batched likelihood call over all lenses and chains (on a GPU,
@@ -231,7 +237,8 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         :meth:`LensModel.with_data` makes them; see :meth:`LensModel.stack`).
     inits : sequence of dict
         The MAP of each lens (``MAPResult.sample_sites()``).
-    num_samples, warmup, chains, seed, target_accept, path_length, whiten, start_spread, progress
+    num_samples, warmup, chains, seed, target_accept, path_length, whiten, start_spread, progress,
+    checkpoint
         As in :func:`sample_posterior` (HMC).
 
     Returns
@@ -274,7 +281,8 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
 
     u, _ = hmc(lambda v: stacked(to_theta(v)), u0, num_samples=num_samples, warmup=warmup,
                target_accept=target_accept, path_length=path_length, groups=groups, seed=seed,
-               progress=progress, desc="HMC" if n_lens == 1 else f"HMC ({n_lens} lenses)")
+               progress=progress, desc="HMC" if n_lens == 1 else f"HMC ({n_lens} lenses)",
+               checkpoint=checkpoint)
     theta = (flat0[groups][:, None] + torch.einsum("cij,csj->csi", factor[groups], u))
     sites = space.constrained(theta.reshape(-1, d))               # chain-major, then draw
     out = []

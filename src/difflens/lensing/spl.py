@@ -117,7 +117,7 @@ class _EtaSpline(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coef, t, tf, tg):
         i, w = _bspline_weights(t, coef.shape[-1] - 2)
-        ctx.save_for_backward(coef, t)
+        ctx.save_for_backward(coef, t, i)
         return _eta_taps(coef[:, 0], i, w)
 
     @staticmethod
@@ -125,12 +125,20 @@ class _EtaSpline(torch.autograd.Function):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError("second derivatives through the SPLE deflection table are not "
                                "available (create_graph=True); use method='series'")
-        coef, t = ctx.saved_tensors
-        n = coef.shape[-1] - 2
-        i, w, dw = _bspline_weights(t, n, derivative=True)
-        d_t = (grad * _eta_taps(coef[:, 0], i, dw)).sum(1)
-        d_fg = (grad[:, None] * _eta_taps(coef[:, 1:].flatten(1, 2), i, w).unflatten(1, (2, 2)))
-        d_fg = d_fg.sum((2, 3))
+        coef, t, i = ctx.saved_tensors
+        u = t - i
+        u2 = u * u
+        # d/dt of the four weights, and the weights, per tap (see _bspline_weights)
+        dws = (-0.5 * (1 - u) ** 2, 1.5 * u2 - 2.0 * u, -1.5 * u2 + u + 0.5, 0.5 * u2)
+        ws = _bspline_weights(t, coef.shape[-1] - 2)[1].unbind(-1)
+        flat = coef.flatten(1, 2)                                    # (B, 6, m): R, dR/dtf, dR/dtg
+        d_t, d_fg = 0.0, 0.0
+        for j in range(4):
+            picked = torch.gather(flat, 2, (i + j)[:, None, :].expand(-1, flat.shape[1], -1))
+            d_t = d_t + picked[:, :2] * dws[j][:, None]
+            d_fg = d_fg + picked[:, 2:] * ws[j][:, None]
+        d_t = (grad * d_t).sum(1)
+        d_fg = (grad[:, None] * d_fg.unflatten(1, (2, 2))).sum((2, 3))
         return None, d_t, d_fg[:, 0], d_fg[:, 1]
 
 
