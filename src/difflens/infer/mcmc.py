@@ -237,9 +237,10 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         :meth:`LensModel.with_data` makes them; see :meth:`LensModel.stack`).
     inits : sequence of dict
         The MAP of each lens (``MAPResult.sample_sites()``).
-    num_samples, warmup, chains, seed, target_accept, path_length, whiten, start_spread, progress,
-    checkpoint
+    num_samples, warmup, chains, seed, target_accept, path_length, whiten, start_spread, progress
         As in :func:`sample_posterior` (HMC).
+    checkpoint : str or Path, optional
+        As in :func:`sample_posterior`: the sampler's state file, for resuming.
 
     Returns
     -------
