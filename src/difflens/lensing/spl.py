@@ -117,7 +117,7 @@ class _EtaSpline(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coef, t, tf, tg):
         i, w = _bspline_weights(t, coef.shape[-1] - 2)
-        ctx.save_for_backward(coef, t, i)
+        ctx.save_for_backward(coef, t)
         return _eta_taps(coef[:, 0], i, w)
 
     @staticmethod
@@ -125,12 +125,9 @@ class _EtaSpline(torch.autograd.Function):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError("second derivatives through the SPLE deflection table are not "
                                "available (create_graph=True); use method='series'")
-        coef, t, i = ctx.saved_tensors
-        u = t - i
-        u2 = u * u
-        # d/dt of the four weights, and the weights, per tap (see _bspline_weights)
-        dws = (-0.5 * (1 - u) ** 2, 1.5 * u2 - 2.0 * u, -1.5 * u2 + u + 0.5, 0.5 * u2)
-        ws = _bspline_weights(t, coef.shape[-1] - 2)[1].unbind(-1)
+        coef, t = ctx.saved_tensors
+        i, w, dw = _bspline_weights(t, coef.shape[-1] - 2, derivative=True)
+        ws, dws = w.unbind(-1), dw.unbind(-1)
         flat = coef.flatten(1, 2)                                    # (B, 6, m): R, dR/dtf, dR/dtg
         d_t, d_fg = 0.0, 0.0
         for j in range(4):
