@@ -74,6 +74,8 @@ def test_simulate_then_fit_round_trip(tmp_path, capsys):
     (["fit", "{obs}", "--noise-sigma", "0.1", "--exclude", "{small}"], "exclusion mask shape"),
     (["fit", "{obs}", "--noise-map", "{small}"], "noise map shape"),
     (["fit", "{obs}", "--noise-sigma", "0.1", "--cutout", "40"], "cutout size"),
+    (["fit", "{obs}", "--noise-sigma", "0.1", "--sampler", "nuts", "--checkpoint", "{junk}"],
+     "sampler='hmc' only"),
 ])
 def test_fit_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, args, message):
     from astropy.io import fits
@@ -118,3 +120,21 @@ def test_fit_with_lens_light_and_exclusion_mask(tmp_path):
     assert summary["map"]["light0_r_e"] == pytest.approx(0.5, rel=0.1)
     assert summary["map"]["r_ein"] == pytest.approx(0.9, rel=0.05)
     assert summary["reduced_chi2"] < 1.5
+
+
+def test_fit_checkpoint_resumes_with_the_same_draws(tmp_path):
+    obs_path = tmp_path / "obs.fits"
+    assert main(["simulate", "--out", str(obs_path), "--source", "sersic", "--npix", "32",
+                 "--pixel-scale", "0.12", "--seed", "3", "--noise-sigma", "0.05"]) == 0
+    state = tmp_path / "hmc.pt"
+    argv = ["fit", str(obs_path), "--noise-sigma", "0.05", "--source", "sersic", "--steps", "100",
+            "--restarts", "1", "--samples", "6", "--warmup", "6", "--chains", "2",
+            "--checkpoint", str(state)]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert state.exists()
+    # a rerun finds the finished state and returns its draws instead of sampling again
+    state_time = state.stat().st_mtime_ns
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text())["posterior"] for d in "ab")
+    assert a["r_ein"]["mean"] == b["r_ein"]["mean"] and a["gamma"]["sd"] == b["gamma"]["sd"]
+    assert state.stat().st_mtime_ns == state_time

@@ -96,7 +96,8 @@ def _cmd_fit(args):
                    lens_light=len(args.lens_light or ()), supersample=args.supersample,
                    steps=args.steps, restarts=args.restarts, samples=args.samples,
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler,
-                   sample_lens_light=not args.hold_lens_light, seed=args.seed)
+                   sample_lens_light=not args.hold_lens_light, seed=args.seed,
+                   checkpoint=args.checkpoint)
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample mass and source with the lens light held at its MAP")
     p.add_argument("--coolest", action="store_true",
                    help="also write the model in the COOLEST standard (coolest.json + FITS)")
+    p.add_argument("--checkpoint", default=None,
+                   help="file for the HMC state (--sampler hmc): rerunning the same command "
+                        "resumes an interrupted run from it, with the same draws")
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("demo", help="simulate a mock with the VAE source, fit, sample, plot")

@@ -246,6 +246,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     >>> fit = fit_lens(obs, source="sersic", steps=800, restarts=2, samples=200)  # doctest: +SKIP
     >>> print(fit.table()); fit.save("fit_output")                                # doctest: +SKIP
     """
+    if checkpoint is not None and sampler != "hmc":     # before the MAP, not after it
+        raise ValueError("checkpoints are kept by sampler='hmc' only, not by Pyro's NUTS")
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
                         dtype=dtype)

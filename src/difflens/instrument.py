@@ -418,6 +418,12 @@ def gaussian_log_likelihood(model, data, noise_sigma, mask=None):
     sigma = torch.as_tensor(noise_sigma, dtype=model.dtype, device=model.device)
     if checking() and (not torch.isfinite(sigma).all() or (sigma <= 0).any()):
         raise ValueError("noise_sigma must be finite and positive")
+    return _unchecked_log_likelihood(model, data, sigma, mask)
+
+
+def _unchecked_log_likelihood(model, data, sigma, mask=None):
+    """:func:`gaussian_log_likelihood` without its check of ``sigma`` (a tensor of the model's
+    dtype, already known finite and > 0), for callers that validated the observation once."""
     chi = (data - model) / sigma
     terms = chi * chi + torch.log(2.0 * math.pi * sigma * sigma)
     if mask is not None:

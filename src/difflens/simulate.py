@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .instrument import (bin_pixels, convolve, convolve_separable, gaussian_log_likelihood,
+from .instrument import (bin_pixels, convolve, convolve_separable, _unchecked_log_likelihood,
                          gaussian_psf, pixel_grid, pixel_psf, separable_factors)
 from ._params import as_param
 from .lensing import default_spl_table, shear_deflection, spl_deflection
@@ -186,14 +186,7 @@ class Simulator:
         -------
         Tensor (ny, nx), or (B, ny, nx) when the lens, the source or the light is batched.
         """
-        if source is None and not lens_light:
-            raise ValueError("nothing to image: give a source or lens light")
-        if self._compiled is None:
-            return self._render(lens, source, lens_light)
-        with torch.no_grad():        # value checks cannot run inside a compiled graph: here
-            self._check_parameters(lens, source, lens_light)
-        with _compiling():
-            return self._compiled(lens, source, lens_light)
+        return self._run(self._render, self._compiled, lens, source, lens_light)
 
     def log_likelihood(self, data, noise_sigma, lens: dict, source, lens_light=(), mask=None):
         """Gaussian log-likelihood of ``data`` given the predicted image (eq. 9), in one step.
@@ -231,15 +224,21 @@ class Simulator:
         ...                                                   dtype=torch.float64))))
         True
         """
+        data, sigma, mask = self.check_observation(data, noise_sigma, mask)
+        return self._run(self._log_likelihood, self._compiled_loglik, lens, source, lens_light,
+                         data, sigma, mask)
+
+    def _run(self, eager, compiled, lens, source, lens_light, *observation):
+        """``eager(lens, source, lens_light, *observation)``, or its compiled twin after the
+        parameter checks that cannot run inside a compiled graph."""
         if source is None and not lens_light:
             raise ValueError("nothing to image: give a source or lens light")
-        data, sigma, mask = self.check_observation(data, noise_sigma, mask)
-        if self._compiled_loglik is None:
-            return self._log_likelihood(lens, source, lens_light, data, sigma, mask)
+        if compiled is None:
+            return eager(lens, source, lens_light, *observation)
         with torch.no_grad():
             self._check_parameters(lens, source, lens_light)
         with _compiling():
-            return self._compiled_loglik(lens, source, lens_light, data, sigma, mask)
+            return compiled(lens, source, lens_light, *observation)
 
     def check_observation(self, data, noise_sigma, mask=None):
         """Validate an observation against this grid and return it as tensors of the grid's dtype
@@ -267,7 +266,8 @@ class Simulator:
         return data, sigma, mask
 
     def _log_likelihood(self, lens, source, lens_light, data, sigma, mask):
-        return gaussian_log_likelihood(self._render(lens, source, lens_light), data, sigma, mask)
+        # the observation was checked by check_observation: the unchecked sum
+        return _unchecked_log_likelihood(self._render(lens, source, lens_light), data, sigma, mask)
 
     def _check_parameters(self, lens, source, lens_light):
         """The eager value checks of every parameter (finite, in range), without the physics;
