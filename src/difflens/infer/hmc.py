@@ -345,7 +345,7 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                                   rejected_updates, draws, accepts, divergent, n_steps_kept)))
         state.update(settings=settings, generator=gen.get_state())
         with atomic_path(checkpoint) as tmp:
-            torch.save(_to_cpu(state), tmp)
+            torch.save(_to_device(state, "cpu"), tmp)
 
     bar = tqdm(range(start, warmup + num_samples), desc=desc, disable=not progress, leave=False,
                initial=start, total=warmup + num_samples)
@@ -432,21 +432,11 @@ _STATE = ("iteration", "v", "pot", "grad", "eps", "dual_averaging", "scale", "wi
           "window_ends", "rejected_updates", "draws", "accepts", "divergent", "n_steps")
 
 
-def _to_cpu(obj):
-    """``obj`` (nested dicts, lists, tuples of tensors and numbers) with every tensor on the CPU."""
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
 def _to_device(obj, device):
-    """Inverse of :func:`_to_cpu`: every tensor of ``obj`` on ``device``."""
+    """``obj`` (nested dicts, lists, tuples of tensors and numbers) with every tensor detached and
+    on ``device``: to the CPU for saving a checkpoint, back to the chains' device on loading."""
     if torch.is_tensor(obj):
-        return obj.to(device)
+        return obj.detach().to(device)
     if isinstance(obj, dict):
         return {k: _to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
