@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from difflens.datasets.observation import read_observation
-from difflens.fitting import fit_lens
+from difflens.fitting import data_flux_scale, fit_lens
+from difflens.model import Priors, TruncatedNormal
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gamma-max", type=float, default=None,
+                    help="upper edge of the slope prior (default: 2.8, the library default)")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE / "output" / "real_lenses"))
     args = ap.parse_args(argv)
@@ -72,8 +75,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         obs = LENSES[name](shared)
         print(f"\n== {name}: {obs.shape[0]}x{obs.shape[1]} px at {obs.pixel_scale:.3f}\"/px")
+        priors = Priors.default(args.source, lens_light=args.lens_light,
+                                flux_scale=data_flux_scale(obs))
+        if args.gamma_max is not None:      # the deflection table covers gamma 1-3
+            priors.lens["gamma"] = TruncatedNormal(2.0, 0.25, 1.2, args.gamma_max)
         # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP)
-        fit = fit_lens(obs, source=args.source, lens_light=args.lens_light, steps=args.steps,
+        fit = fit_lens(obs, source=args.source, priors=priors, steps=args.steps,
                        restarts=args.restarts, samples=0, seed=args.seed)
         out = fit.save(Path(args.out) / name, coolest=True)
         print(fit.table(), flush=True)

@@ -60,6 +60,8 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
     ----------
     source : "vae", "sersic" or a VAESource
     priors : "default", "paper" or a Priors
+        A preset name, or a :class:`difflens.model.Priors` (which then also fixes the lens-light
+        components and amplitude scale: ``lens_light`` and ``flux_scale`` stay at their defaults).
     psf_sigma : float, optional
         Gaussian PSF sigma (arcsec) used when the observation carries no PSF kernel.
     lens_light : int
@@ -79,6 +81,15 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
     src = _source_model(source)
     kind = "sersic" if isinstance(src, str) else "vae"
     if isinstance(priors, Priors):
+        # a Priors object already holds the light components and amplitude scale: refuse to
+        # ignore a count or scale given beside it
+        if lens_light not in (0, len(priors.lens_light)):
+            raise ValueError(f"lens_light={lens_light!r} but the Priors given have "
+                             f"{len(priors.lens_light)} lens-light components; set them in the "
+                             "Priors (Priors.default(..., lens_light=N)) or pass a preset name")
+        if flux_scale != "auto":
+            raise ValueError("flux_scale sets the preset priors' amplitudes; with a Priors object "
+                             "set it there (Priors.default(..., flux_scale=F))")
         pri = priors
     else:
         scale = data_flux_scale(obs) if flux_scale == "auto" else flux_scale

@@ -101,3 +101,19 @@ def test_fixed_lens_light_is_not_sampled_and_images_unchanged():
         model.with_fixed({"light3_n": 2.0})
     with pytest.raises(ValueError, match="only scalar"):
         model.with_fixed({"r_ein": torch.ones(2)})
+
+
+def test_priors_object_is_not_silently_overridden():
+    """A Priors object fixes the light components and amplitude scale; a count or scale given
+    beside it that disagrees is an error, not ignored."""
+    from difflens.fitting import build_model
+    obs = Observation(torch.zeros(16, 16).numpy() + 1.0, 0.1, 0.2, psf=None)
+    two = Priors.default("sersic", lens_light=2)
+    model = build_model(obs, source="sersic", priors=two, psf_sigma=0.1)
+    assert len(model.priors.lens_light) == 2
+    assert len(build_model(obs, source="sersic", priors=two, psf_sigma=0.1,
+                           lens_light=2).priors.lens_light) == 2
+    with pytest.raises(ValueError, match="lens_light=1 but the Priors given have 2"):
+        build_model(obs, source="sersic", priors=two, psf_sigma=0.1, lens_light=1)
+    with pytest.raises(ValueError, match="flux_scale"):
+        build_model(obs, source="sersic", priors=two, psf_sigma=0.1, flux_scale=3.0)
