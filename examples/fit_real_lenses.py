@@ -6,9 +6,8 @@
 The data are not shipped with difflens (see ``../shared/data/*/PROVENANCE.md``): the HST lenses are
 lenstronomy-style HDF5 files of the dolphin example data (noise map from background rms and the
 exposure map), the JWST ring is PyAutoLens FITS (noise map, PSF, extra-galaxy mask), cut out around
-the lens.  Each lens is fitted with Sersic lens-light components centred on the mass (two by default;
-see ``SETTINGS``), the SPLE + shear mass and the chosen
-source (default: the shipped VAE), first MAP (data-driven initialiser, restarts; saved at once)
+the lens.  Each lens is fitted with Sersic lens-light components centred on the mass (two unless
+``--lens-light`` says otherwise), the SPLE + shear mass and the chosen source (default: the shipped VAE), first MAP (data-driven initialiser, restarts; saved at once)
 and then HMC of mass and source with the lens light held at its MAP.
 For each lens the script writes ``summary.json``, ``fit.png`` (data, model, normalised residual,
 source), ``corner.png``, ``posterior.nc`` and the COOLEST model (``coolest.json`` + FITS files,
@@ -51,31 +50,20 @@ LENSES = {
     "jwst_cosmosweb_ring_F150W": lambda s: cosmosweb("F150W", s, 141),
 }
 
-# Per-lens model choices (command-line flags override them).  These are the settings of the
-# results in docs/real_data.md; that page also reports the JWST ring with three light components
-# and a slope prior to 2.95 (--lens-light 3 --gamma-max 2.95; the table covers gamma 1-3), where
-# the slope ran to the new edge instead.
-SETTINGS = {
-    "hst_system1_F390W": dict(lens_light=2, gamma_max=2.8),
-    "hst_system3_F600LP": dict(lens_light=2, gamma_max=2.8),
-    "jwst_cosmosweb_ring_F150W": dict(lens_light=2, gamma_max=2.8),
-}
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=sorted(LENSES), action="append")
     ap.add_argument("--source", choices=("vae", "sersic"), default="vae")
-    ap.add_argument("--lens-light", type=int, default=None,
-                    help="Sersic lens-light components (default: per lens, see SETTINGS)")
+    ap.add_argument("--lens-light", type=int, default=2, help="Sersic lens-light components")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--restarts", type=int, default=6)
     ap.add_argument("--samples", type=int, default=150, help="HMC draws per chain (0: MAP only)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gamma-max", type=float, default=None,
-                    help="upper edge of the slope prior (default: per lens, see SETTINGS)")
+    ap.add_argument("--gamma-max", type=float, default=2.8,
+                    help="upper edge of the slope prior (the library default; the table covers 1-3)")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE / "output" / "real_lenses"))
     args = ap.parse_args(argv)
@@ -87,10 +75,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         obs = LENSES[name](shared)
         print(f"\n== {name}: {obs.shape[0]}x{obs.shape[1]} px at {obs.pixel_scale:.3f}\"/px")
-        lens_light = SETTINGS[name]["lens_light"] if args.lens_light is None else args.lens_light
-        gamma_max = SETTINGS[name]["gamma_max"] if args.gamma_max is None else args.gamma_max
-        priors = Priors.default(args.source, lens_light=lens_light, flux_scale=data_flux_scale(obs))
-        priors.lens["gamma"] = TruncatedNormal(2.0, 0.25, 1.2, gamma_max)  # default: 2.8
+        priors = Priors.default(args.source, lens_light=args.lens_light,
+                                flux_scale=data_flux_scale(obs))
+        priors.lens["gamma"] = TruncatedNormal(2.0, 0.25, 1.2, args.gamma_max)
         # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP)
         fit = fit_lens(obs, source=args.source, priors=priors, steps=args.steps,
                        restarts=args.restarts, samples=0, seed=args.seed)
