@@ -8,7 +8,8 @@ lenstronomy-style HDF5 files of the dolphin example data (noise map from backgro
 exposure map), the JWST ring is PyAutoLens FITS (noise map, PSF, extra-galaxy mask), cut out around
 the lens.  Each lens is fitted with Sersic lens-light components centred on the mass (two unless
 ``--lens-light`` says otherwise), the SPLE + shear mass and the chosen source (default: the
-shipped VAE), first MAP (data-driven initialiser, restarts; saved at once) and then HMC of mass and source with the lens light held at its MAP.
+shipped VAE), first MAP (data-driven initialiser, restarts; saved at once) and then HMC of mass
+and source with the lens light held at its MAP.
 For each lens the script writes ``summary.json``, ``fit.png`` (data, model, normalised residual,
 source), ``corner.png``, ``posterior.nc`` and the COOLEST model (``coolest.json`` + FITS files,
 pixel frame) under ``--out/NAME`` and prints reduced chi^2 and r_ein / theta_E with posterior sd.
