@@ -63,8 +63,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gamma-max", type=float, default=2.8,
-                    help="upper edge of the slope prior (the library default; the table covers 1-3)")
+    ap.add_argument("--gamma-max", type=float, default=None,
+                    help="upper edge of the slope prior (default: the library's, 2.8; the "
+                         "deflection table covers gamma 1-3)")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE / "output" / "real_lenses"))
     args = ap.parse_args(argv)
@@ -78,7 +79,9 @@ def main(argv=None):
         print(f"\n== {name}: {obs.shape[0]}x{obs.shape[1]} px at {obs.pixel_scale:.3f}\"/px")
         priors = Priors.default(args.source, lens_light=args.lens_light,
                                 flux_scale=data_flux_scale(obs))
-        priors.lens["gamma"] = TruncatedNormal(2.0, 0.25, 1.2, args.gamma_max)
+        if args.gamma_max is not None:      # the default slope prior with another upper edge
+            g = priors.lens["gamma"]
+            priors.lens["gamma"] = TruncatedNormal(g.loc, g.scale, g.low, args.gamma_max)
         # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP)
         fit = fit_lens(obs, source=args.source, priors=priors, steps=args.steps,
                        restarts=args.restarts, samples=0, seed=args.seed)
