@@ -66,6 +66,14 @@ def main(argv=None):
     ap.add_argument("--gamma-max", type=float, default=None,
                     help="upper edge of the slope prior (default: the library's, 2.8; the "
                          "deflection table covers gamma 1-3)")
+    ap.add_argument("--radius", choices=("r_ein", "theta_E"), default="r_ein",
+                    help="Einstein radius sampled: the major-axis r_ein or lenstronomy's "
+                         "theta_E = sqrt(q) r_ein, which the arcs pin (Priors.with_theta_E)")
+    ap.add_argument("--hold", action="append", default=[],
+                    help="a site held at its MAP while sampling (repeatable), e.g. src_s")
+    ap.add_argument("--init-from", default=None,
+                    help="output folder of an earlier run: each lens's MAP starts from its "
+                         "summary.json there (the other restarts still run)")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE / "output" / "real_lenses"))
     args = ap.parse_args(argv)
@@ -82,9 +90,12 @@ def main(argv=None):
         if args.gamma_max is not None:      # the default slope prior with another upper edge
             g = priors.lens["gamma"]
             priors.lens["gamma"] = TruncatedNormal(g.loc, g.scale, g.low, args.gamma_max)
+        if args.radius == "theta_E":
+            priors = priors.with_theta_E()
         # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP)
         fit = fit_lens(obs, source=args.source, priors=priors, steps=args.steps,
-                       restarts=args.restarts, samples=0, seed=args.seed)
+                       restarts=args.restarts, samples=0, seed=args.seed,
+                       init=Path(args.init_from) / name if args.init_from else None)
         out = fit.save(Path(args.out) / name, coolest=True)
         print(fit.table(), flush=True)
         if args.samples > 0:
@@ -93,7 +104,7 @@ def main(argv=None):
             # the sampler's state is kept beside the results: rerunning the same command resumes
             # an interrupted run (the MAP is recomputed, identically, from the same seed)
             fit = fit.sample(args.samples, warmup=args.warmup, chains=args.chains,
-                             sample_lens_light=False, seed=args.seed,
+                             sample_lens_light=False, hold=args.hold, seed=args.seed,
                              checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
             out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()

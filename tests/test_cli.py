@@ -138,3 +138,25 @@ def test_fit_checkpoint_resumes_with_the_same_draws(tmp_path):
     a, b = (json.loads((tmp_path / d / "summary.json").read_text())["posterior"] for d in "ab")
     assert a["r_ein"]["mean"] == b["r_ein"]["mean"] and a["gamma"]["sd"] == b["gamma"]["sd"]
     assert state.stat().st_mtime_ns == state_time
+
+
+@pytest.mark.filterwarnings("ignore:poor convergence")        # 6 draws: only the plumbing
+def test_fit_from_an_earlier_fit_with_a_site_held(tmp_path, capsys):
+    obs_path = tmp_path / "obs.fits"
+    assert main(["simulate", "--out", str(obs_path), "--source", "sersic", "--npix", "32",
+                 "--pixel-scale", "0.12", "--seed", "3", "--noise-sigma", "0.05"]) == 0
+    base = ["fit", str(obs_path), "--noise-sigma", "0.05", "--source", "sersic", "--restarts",
+            "1"]
+    assert main(base + ["--steps", "100", "--samples", "0", "--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--steps", "5", "--samples", "6", "--warmup", "6", "--chains", "2",
+                        "--init-from", str(tmp_path / "a"), "--hold", "g1",
+                        "--out", str(tmp_path / "b")]) == 0
+    second = json.loads((tmp_path / "b" / "summary.json").read_text())
+    g1 = second["posterior"]["g1"]
+    assert g1["sd"] < 1e-12 and g1["mean"] == pytest.approx(second["map"]["g1"], rel=1e-12)
+    assert second["posterior"]["gamma"]["sd"] > 0
+    assert main(base + ["--init-from", str(tmp_path / "nowhere"),
+                        "--out", str(tmp_path / "c")]) == 2
+    assert "summary.json" in capsys.readouterr().err
+    assert main(base + ["--samples", "2", "--hold", "src_size", "--out", str(tmp_path / "d")]) == 2
+    assert "src_size" in capsys.readouterr().err

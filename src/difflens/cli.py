@@ -96,8 +96,8 @@ def _cmd_fit(args):
                    lens_light=len(args.lens_light or ()), supersample=args.supersample,
                    steps=args.steps, restarts=args.restarts, samples=args.samples,
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler,
-                   sample_lens_light=not args.hold_lens_light, seed=args.seed,
-                   checkpoint=args.checkpoint)
+                   sample_lens_light=not args.hold_lens_light, hold=args.hold or (),
+                   seed=args.seed, init=args.init_from, checkpoint=args.checkpoint)
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hold-lens-light", action="store_true",
                    help="sample mass and source with the lens light held at its MAP")
+    p.add_argument("--hold", action="append", default=None, metavar="SITE",
+                   help="hold a site at its MAP while sampling (repeatable), e.g. src_s")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start the MAP from an earlier fit's summary.json (or its folder)")
     p.add_argument("--coolest", action="store_true",
                    help="also write the model in the COOLEST standard (coolest.json + FITS)")
     p.add_argument("--checkpoint", default=None,

@@ -19,7 +19,7 @@ import torch
 from .datasets.observation import Observation
 from .infer import MAPResult, Posterior, fit_map, sample_posterior
 from .lensing import to_lenstronomy_epl
-from .model import LensModel, Priors
+from .model import LensModel, Priors, q_phi_to_ellipticity
 from .simulate import LENS_PARAMS, Simulator
 
 
@@ -159,9 +159,14 @@ class LensFit:
         return "\n".join(lines)
 
     def sample(self, samples=500, *, warmup=200, chains=4, sampler="hmc", max_tree_depth=7,
-               sample_lens_light=True, seed=0, progress=True, checkpoint=None) -> "LensFit":
+               sample_lens_light=True, hold=(), seed=0, progress=True,
+               checkpoint=None) -> "LensFit":
         """This fit with a posterior sampled from its MAP (see :func:`fit_lens` for the
         arguments); the MAP can be saved before a long sampling run starts.
+
+        ``hold`` names further scalar sites held at their MAP values while sampling (e.g.
+        ``("src_s",)``: the VAE stamp's half-width, which trades off against the size of the
+        galaxy drawn in the latent); the posterior is then conditional on them.
 
         Examples
         --------
@@ -170,10 +175,15 @@ class LensFit:
         >>> fit = fit.sample(300, chains=4); fit.save("out")                  # doctest: +SKIP
         """
         sites, model = self.map.sample_sites(), self.model
-        if not sample_lens_light and model.priors.lens_light:
-            light = {k: v for k, v in sites.items() if k.startswith("light")}
-            model = model.with_fixed(light)
-            sites = {k: v for k, v in sites.items() if k not in light}
+        unknown = sorted(set(hold) - set(sites))
+        if unknown:
+            raise ValueError(f"hold names {unknown}, which are not sampled sites of this fit "
+                             f"(sites: {sorted(sites)})")
+        held = {k: v for k, v in sites.items()
+                if k in hold or (not sample_lens_light and k.startswith("light"))}
+        if held:
+            model = model.with_fixed(held)
+            sites = {k: v for k, v in sites.items() if k not in held}
         post = sample_posterior(model, sites, num_samples=samples, warmup=warmup, chains=chains,
                                 seed=seed, method=sampler, max_tree_depth=max_tree_depth,
                                 progress=progress, checkpoint=checkpoint)
@@ -219,9 +229,52 @@ class LensFit:
         return None
 
 
+def start_from_summary(model: LensModel, summary) -> dict:
+    """Site values of ``model`` at the MAP of an earlier fit, to start from (``fit_lens(init=)``).
+
+    Converts the written parameters (method.md conventions) to the sites ``model`` samples:
+    ``q, phi -> e1, e2`` and ``r_ein -> theta_E = sqrt(q) r_ein`` where the model samples
+    theta_E, so a fit made with either Einstein-radius coordinate can seed the other.  Sites the
+    summary lacks are left out (the fit draws them from the prior).
+
+    Parameters
+    ----------
+    model : LensModel
+    summary : dict, or str / Path of a ``summary.json`` or of the folder holding it
+        As written by :meth:`LensFit.save` (its ``"map"`` entry is used).
+
+    Examples
+    --------
+    >>> from difflens.datasets.mocks import simulate_mock
+    >>> obs = simulate_mock(3, noise_sigma=0.05, npix=48, pixel_scale=0.16, source="sersic")
+    >>> model = build_model(obs, source="sersic", priors=Priors.default("sersic").with_theta_E())
+    >>> start = start_from_summary(model, {"map": {"r_ein": 1.0, "q": 0.64, "phi": 0.0}})
+    >>> sorted(start), round(float(start["theta_E"]), 6)
+    (['e1', 'e2', 'theta_E'], 0.8)
+    """
+    if not isinstance(summary, dict):
+        path = Path(summary)
+        path = path / "summary.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no summary.json at {path}")
+        summary = json.loads(path.read_text())
+    if "map" not in summary:
+        raise ValueError("the summary has no 'map' entry (write it with LensFit.save)")
+    values = dict(summary["map"])
+    dtype = model.simulator.x.dtype
+    if "q" in values and "phi" in values:
+        values["e1"], values["e2"] = q_phi_to_ellipticity(torch.tensor(values["q"], dtype=dtype),
+                                                          torch.tensor(values["phi"], dtype=dtype))
+        if "r_ein" in values:
+            values["theta_E"] = values["q"] ** 0.5 * values["r_ein"]
+    sites = {k for k, v in model.all_priors().items() if not isinstance(v, (int, float, str))}
+    sites |= {"z"} if model.source_kind == "vae" else set()
+    return {k: torch.as_tensor(v, dtype=dtype) for k, v in values.items() if k in sites}
+
+
 def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
              flux_scale="auto", supersample=1, steps=2000, restarts=4, samples=0, warmup=200,
-             chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, seed=0,
+             chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
              dtype=torch.float64, progress=True, init=None, checkpoint=None) -> LensFit:
     """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
@@ -244,8 +297,13 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         uncertainty).  Holding helps where a light profile presses against a prior bound (the
         JWST ring: early HMC steps 0.05-0.2 instead of 0.01-0.03), though there warm-up still
         drifted to long trajectories.
+    hold : sequence of str
+        Further scalar sites held at their MAP while sampling (:meth:`LensFit.sample`).
     seed : int
         Makes the whole fit reproducible.
+    init : dict, or str / Path, optional
+        Site values for the first MAP restart, or an earlier fit's ``summary.json`` (or its
+        folder), converted by :func:`start_from_summary`.
     checkpoint : str or Path, optional
         HMC state file: the sampler saves its state there as it runs, and the same call resumes
         an interrupted run from it (same draws).
@@ -262,13 +320,19 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
                         dtype=dtype)
+    unknown = sorted(set(hold) - set(model.all_priors()))
+    if unknown:                                   # before the MAP, not after it
+        raise ValueError(f"hold names {unknown}, which are not sites of this model "
+                         f"(sites: {sorted(model.all_priors())})")
+    if init is not None and not isinstance(init, dict):
+        init = start_from_summary(model, init)
     result = fit_map(model, steps=steps, restarts=restarts, seed=seed, progress=progress,
                      init=init)
     fit = LensFit(obs, model, result)
     if samples > 0:
         fit = fit.sample(samples, warmup=warmup, chains=chains, sampler=sampler,
                          max_tree_depth=max_tree_depth, sample_lens_light=sample_lens_light,
-                         seed=seed, progress=progress, checkpoint=checkpoint)
+                         hold=hold, seed=seed, progress=progress, checkpoint=checkpoint)
     return fit
 
 

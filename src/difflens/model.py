@@ -9,6 +9,12 @@ creates no second mode.  ``epsilon`` is bounded smoothly below ``(1 - q_min)/(1 
 map, so the model is never evaluated at q <= 0 or q < q_min; gamma, r_ein, the source width and
 amplitude have priors whose support excludes unphysical values.
 
+The mass normalisation is sampled either as ``r_ein`` (major-axis Einstein radius, the paper's
+parameter) or as lenstronomy's ``theta_E = sqrt(q) r_ein`` (:meth:`Priors.with_theta_E`), with
+``r_ein`` then derived.  An arc pins ``theta_E``, the circularised Einstein radius, far better
+than ``r_ein`` or ``q``: sampled as ``r_ein``, an elliptical lens's posterior lies along the
+ridge ``sqrt(q) r_ein = const``; sampled as ``theta_E``, that constraint is one coordinate.
+
 Sources: the VAE decoder (latent ``z`` with the fitted multivariate-normal prior, centre, half-width
 ``s``, amplitude ``amp``; eq. 17) or an elliptical Sersic profile.
 
@@ -148,8 +154,10 @@ def _lognormal(log_median, sigma):
 class Priors:
     """Prior distributions, one per sampled site (Pyro/torch distributions).
 
-    ``lens`` keys: ``r_ein, e1, e2, gamma, x0, y0, g1, g2`` (components e1, e2, see module doc).
-    A plain number instead of a distribution holds that parameter fixed.
+    ``lens`` keys: ``r_ein, e1, e2, gamma, x0, y0, g1, g2`` (components e1, e2, see module doc),
+    or ``theta_E`` (arcsec, lenstronomy's Einstein radius ``sqrt(q) r_ein``) in place of
+    ``r_ein`` (:meth:`with_theta_E`).  A plain number instead of a distribution holds that
+    parameter fixed.
     ``source`` keys for the VAE source: ``x0, y0, s, amp``; for a Sersic source:
     ``amp, r_e, n, e1, e2, x0, y0``.  The VAE latent prior comes with the VAE.
 
@@ -202,6 +210,33 @@ class Priors:
                     g1=TruncatedNormal(0.0, 1.0, -0.5, 0.5), g2=TruncatedNormal(0.0, 1.0, -0.5, 0.5))
         return cls(lens=lens, source=_source_priors(source, True, flux_scale, centre),
                    name="paper", lens_light=lens_light_priors(lens_light, flux_scale))
+
+    def with_theta_E(self, prior=None) -> "Priors":
+        """A copy that samples ``theta_E = sqrt(q) r_ein`` (arcsec) in place of ``r_ein``.
+
+        ``r_ein = theta_E / sqrt(q)`` is then derived (recorded beside ``q`` and ``phi``).  This
+        changes the prior (uniform in theta_E is not uniform in r_ein unless q is fixed) and, for
+        HMC, the geometry: the arc constrains theta_E directly (module doc).
+
+        Parameters
+        ----------
+        prior : distribution or float, optional
+            Prior of theta_E (arcsec); default: the same distribution the r_ein prior had.
+
+        Examples
+        --------
+        >>> p = Priors.default("sersic").with_theta_E()
+        >>> "theta_E" in p.lens, "r_ein" in p.lens
+        (True, False)
+        """
+        if "r_ein" not in self.lens:
+            raise ValueError("with_theta_E needs priors with an 'r_ein' entry (got lens keys "
+                             f"{sorted(self.lens)})")
+        lens = {("theta_E" if k == "r_ein" else k): (v if k != "r_ein" or prior is None
+                                                     else prior)
+                for k, v in self.lens.items()}
+        return replace(self, lens=lens, lens_light=[dict(c) for c in self.lens_light],
+                       source=dict(self.source))
 
     @classmethod
     def preset(cls, name: str, source="vae", **kwargs):
@@ -257,7 +292,8 @@ def lens_light_priors(n_components: int, flux_scale=1.0) -> list:
 
 
 def lens_from_sites(values: dict) -> dict:
-    """The eight simulator lens parameters from sampled site values (e1, e2 -> q, phi).
+    """The eight simulator lens parameters from sampled site values (e1, e2 -> q, phi;
+    theta_E -> r_ein = theta_E / sqrt(q) where theta_E is sampled).
 
     Examples
     --------
@@ -268,7 +304,11 @@ def lens_from_sites(values: dict) -> dict:
     1.0
     """
     q, phi = ellipticity_to_q_phi(values["e1"], values["e2"])
-    return dict(r_ein=values["r_ein"], q=q, phi=phi, gamma=values["gamma"], x0=values["x0"],
+    if ("r_ein" in values) == ("theta_E" in values):
+        raise ValueError("the lens needs exactly one of 'r_ein' and 'theta_E', got "
+                         f"{sorted(values)}")
+    r_ein = values["r_ein"] if "r_ein" in values else values["theta_E"] / torch.sqrt(q)
+    return dict(r_ein=r_ein, q=q, phi=phi, gamma=values["gamma"], x0=values["x0"],
                 y0=values["y0"], g1=values["g1"], g2=values["g2"])
 
 
@@ -446,6 +486,12 @@ class LensModel:
     def lens_sites(self):
         return tuple(self.priors.lens)
 
+    @property
+    def derived_sites(self):
+        """Lens parameters computed from the sampled ones and recorded as deterministic sites:
+        ``q, phi`` (from e1, e2) and ``r_ein`` where theta_E is sampled."""
+        return ("q", "phi") + (("r_ein",) if "theta_E" in self.priors.lens else ())
+
     def _sample(self, name, prior):
         """A sample site, or a constant when the prior is a plain number (a fixed parameter)."""
         dtype, device = self.simulator.x.dtype, self.simulator.x.device
@@ -500,8 +546,8 @@ class LensModel:
         """Sample all parameters and return the predicted image (no likelihood)."""
         sites = {k: self._sample(k, d) for k, d in self.priors.lens.items()}
         lens = lens_from_sites(sites)
-        pyro.deterministic("q", lens["q"])
-        pyro.deterministic("phi", lens["phi"])
+        for k in self.derived_sites:
+            pyro.deterministic(k, lens[k])
         source = self.sample_source()
         return self.simulator.image(lens, source, self.sample_lens_light(lens))
 

@@ -56,9 +56,10 @@ def draw_lens(seed: int, priors: Priors | None = None, min_r_ein=0.8, max_r_ein=
         torch.manual_seed(seed)
         for _ in range(1000):
             sites = {k: d.sample() for k, d in priors.lens.items()}
-            if min_r_ein <= float(sites["r_ein"]) <= max_r_ein:
+            lens = lens_from_sites(sites)
+            if min_r_ein <= float(lens["r_ein"]) <= max_r_ein:
                 break
-    return {k: float(v) for k, v in lens_from_sites(sites).items()} | {
+    return {k: float(v) for k, v in lens.items()} | {
         "e1": float(sites["e1"]), "e2": float(sites["e2"])}
 
 

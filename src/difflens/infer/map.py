@@ -37,8 +37,9 @@ class MAPResult:
     Attributes
     ----------
     params : dict of str -> Tensor
-        Every sampled site (lens ``r_ein, e1, e2, gamma, x0, y0, g1, g2``; source ``src_*`` and
-        ``z``) plus the derived ``q`` and ``phi`` (radians), at the MAP.
+        Every sampled site (lens ``r_ein, e1, e2, gamma, x0, y0, g1, g2``, or ``theta_E`` in
+        place of ``r_ein``; source ``src_*`` and ``z``) plus the derived ``q`` and ``phi``
+        (radians) and, where theta_E is sampled, ``r_ein`` (arcsec), at the MAP.
     loss_history : ndarray
         Negative log posterior (up to a constant) per step of the final run.
     model_image : Tensor (ny, nx)
@@ -70,6 +71,7 @@ class MAPResult:
     restart_losses: list = field(default_factory=list)
     fixed: tuple = ()
     lens_light_image: torch.Tensor | None = None
+    derived: tuple = ("q", "phi")
 
     def lens(self) -> dict:
         """The eight lens parameters as floats (method.md conventions)."""
@@ -77,7 +79,7 @@ class MAPResult:
 
     def sample_sites(self) -> dict:
         """Only the sampled sites (for ``init_to_value``)."""
-        return {k: v for k, v in self.params.items() if k not in ("q", "phi") + self.fixed}
+        return {k: v for k, v in self.params.items() if k not in self.derived + self.fixed}
 
 
 def _polish(model, guide, max_iter):
@@ -159,7 +161,8 @@ def _run(model, init_loc_fn, steps, lr, lr_final_fraction, tol, window, progress
 
 def _restart_values(model: LensModel, guess: dict, generator: torch.Generator,
                     jitter=True) -> dict:
-    """A restart point: lens centre (0.15") and r_ein (~25%) jittered around the data guess,
+    """A restart point: lens centre (0.15") and Einstein radius (~25%; the arc radius, so r_ein
+    or theta_E, whichever is sampled) jittered around the data guess,
     the source centre at the lens centre, lens-light values as guessed; all other sites start
     from prior draws.  Without ``jitter``: the guess itself with a nearly round lens, slope 2,
     no shear and the source behind the lens centre -- the configuration of an Einstein ring,
@@ -170,8 +173,9 @@ def _restart_values(model: LensModel, guess: dict, generator: torch.Generator,
     n = (lambda: float(torch.randn((), generator=generator, dtype=dtype))) if jitter else \
         (lambda: 0.0)  # noqa: E731
     out = {k: v for k, v in guess.items() if k.startswith("light")}
-    out.update(x0=guess["x0"] + 0.15 * n(), y0=guess["y0"] + 0.15 * n(),
-               r_ein=guess["r_ein"] * math.exp(0.25 * n()))
+    radius = guess["r_ein"] * math.exp(0.25 * n())
+    out.update(x0=guess["x0"] + 0.15 * n(), y0=guess["y0"] + 0.15 * n(), r_ein=radius,
+               theta_E=radius)
     if "src_amp" in guess:
         out["src_amp"] = guess["src_amp"] * math.exp(0.5 * n())
     if not jitter:
@@ -275,6 +279,10 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
     """
     if steps < 1 or restarts < 1:
         raise ValueError("steps and restarts must be >= 1")
+    unknown = sorted(set(init or {}) - set(model.all_priors()) - {"z"})
+    if unknown:
+        raise ValueError(f"init names {unknown}, which are not sampled sites of this model "
+                         f"(sites: {sorted(model.all_priors())} and z for a VAE source)")
     z_init = {}
     if model.source_kind == "vae":
         z_init["z"] = model.z_prior.mean.clone()
@@ -320,7 +328,7 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
         tr.compute_log_prob()
     params = {name: tr.nodes[name]["value"].detach() for name in values}
     params.update({k: torch.tensor(v) for k, v in model.fixed_values().items()})
-    params.update({k: tr.nodes[k]["value"].detach() for k in ("q", "phi")})
+    params.update({k: tr.nodes[k]["value"].detach() for k in model.derived_sites})
     image = tr.nodes["model_image"]["value"].detach()
     resid = (model.data - image) / model.noise_sigma
     if model.mask is not None:
@@ -338,7 +346,8 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
                      normalised_residuals=resid, source_image=source_image,
                      reduced_chi2=chi2 / max(model.n_pixels - n_params, 1),
                      log_posterior=log_post, restart_losses=list(restart_losses),
-                     fixed=tuple(model.fixed_values()), lens_light_image=lens_light_image)
+                     fixed=tuple(model.fixed_values()), lens_light_image=lens_light_image,
+                     derived=model.derived_sites)
 
 
 def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restarts=4,

@@ -343,8 +343,12 @@ def _posterior_from_draws(model, init, posterior, chains) -> Posterior:
     e0 = {k: torch.as_tensor(init[k] if k in init else model.fixed_values()[k]) for k in ("e1", "e2")}
     phi0 = float(ellipticity_to_q_phi(e0["e1"], e0["e2"])[1])
     posterior["q"], posterior["phi"] = q.numpy(), unwrap_angle(phi, phi0).numpy()
-    # lenstronomy's Einstein radius (the number papers quote), see difflens.lensing.conventions
-    posterior["theta_E"] = np.sqrt(posterior["q"]) * posterior["r_ein"]
+    # lenstronomy's Einstein radius theta_E = sqrt(q) r_ein (the number papers quote), see
+    # difflens.lensing.conventions; whichever of the two is sampled, the other is derived
+    if "theta_E" in posterior:
+        posterior["r_ein"] = posterior["theta_E"] / np.sqrt(posterior["q"])
+    else:
+        posterior["theta_E"] = np.sqrt(posterior["q"]) * posterior["r_ein"]
     idata = az.from_dict(posterior=posterior)
     rhat, ess = {}, {}
     for k in SUMMARISED:

@@ -1,0 +1,126 @@
+"""Fit options: the Einstein radius sampled as theta_E, starting from an earlier fit, holding sites."""
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from difflens.infer import fit_map, sample_posterior
+from difflens.model import LensModel, Priors, lens_from_sites
+from difflens.sources import Sersic
+
+from .test_model_and_inference import LENS, SRC, small_problem, truth_sites
+
+
+def _theta_e_sites():
+    t = truth_sites()
+    t["theta_E"] = torch.tensor(math.sqrt(LENS["q"]) * LENS["r_ein"], dtype=torch.float64)
+    del t["r_ein"]
+    return t
+
+
+def _trace(model, values):
+    with torch.no_grad():
+        tr = pyro.poutine.trace(pyro.poutine.condition(model, data=values)).get_trace()
+        tr.compute_log_prob()
+    return tr
+
+
+def test_theta_e_model_predicts_the_image_of_the_equivalent_r_ein():
+    sim, _, data = small_problem()
+    direct = sim.image(LENS, Sersic(**SRC))                  # the simulator called with r_ein
+    model = LensModel(data, 0.02, sim, source="sersic",
+                      priors=Priors.default("sersic").with_theta_E())
+    tr = _trace(model, _theta_e_sites())
+    torch.testing.assert_close(tr.nodes["model_image"]["value"], direct, rtol=1e-10, atol=1e-12)
+    assert float(tr.nodes["r_ein"]["value"]) == pytest.approx(LENS["r_ein"], rel=1e-12)
+    # the same likelihood as the r_ein model at the same lens
+    ref = _trace(LensModel(data, 0.02, sim, source="sersic"), truth_sites())
+    assert float(tr.nodes["obs"]["log_prob_sum"]) == pytest.approx(
+        float(ref.nodes["obs"]["log_prob_sum"]), rel=1e-12)
+
+
+def test_theta_e_priors_and_bad_input():
+    base = Priors.default("sersic")
+    p = base.with_theta_E()
+    assert p.lens["theta_E"] is base.lens["r_ein"]            # same distribution, new site
+    assert "r_ein" not in p.lens and "r_ein" in base.lens     # the original is left alone
+    held = Priors.default("sersic").with_theta_E(prior=1.2)
+    assert held.lens["theta_E"] == 1.2
+    with pytest.raises(ValueError, match="r_ein"):
+        p.with_theta_E()                                       # already converted
+    with pytest.raises(ValueError, match="exactly one"):
+        lens_from_sites(dict(r_ein=1.0, theta_E=1.0, e1=torch.tensor(0.1),
+                             e2=torch.tensor(0.0), gamma=2.0, x0=0.0, y0=0.0, g1=0.0, g2=0.0))
+    sim, _, data = small_problem(npix=8, pixscale=0.4)
+    model = LensModel(data, 0.05, sim, source="sersic", priors=p)
+    with pytest.raises(ValueError, match="r_ein"):          # r_ein is derived, not a site here
+        fit_map(model, steps=1, restarts=1, init={"r_ein": torch.tensor(1.0)}, progress=False)
+
+
+def test_theta_e_map_and_posterior_report_both_radii():
+    sim, _, data = small_problem(npix=16, pixscale=0.16, noise=0.02)
+    priors = Priors.default("sersic").with_theta_E()
+    t = _theta_e_sites()
+    for k in ("x0", "y0", "g1", "g2"):
+        priors.lens[k] = float(t[k])
+    for k in ("r_e", "n", "e1", "e2", "x0", "y0"):
+        priors.source[k] = float(t["src_" + k])
+    model = LensModel(data, 0.02, sim, source="sersic", priors=priors)
+    fit = fit_map(model, steps=300, restarts=1, init={k: t[k] for k in (
+        "theta_E", "e1", "e2", "gamma", "src_amp")}, progress=False)
+    assert set(fit.sample_sites()) == {"theta_E", "e1", "e2", "gamma", "src_amp"}
+    p = fit.params
+    assert float(p["r_ein"]) == pytest.approx(float(p["theta_E"]) / math.sqrt(float(p["q"])),
+                                              rel=1e-12)
+    assert fit.lens()["r_ein"] == pytest.approx(LENS["r_ein"], rel=0.03)
+    post = sample_posterior(model, fit.sample_sites(), num_samples=100, warmup=60, chains=2,
+                            seed=2, progress=False)
+    d = post.idata.posterior
+    np.testing.assert_allclose(d["theta_E"].values, np.sqrt(d["q"].values) * d["r_ein"].values,
+                               rtol=1e-12)
+    lo, hi = post.interval("theta_E", 0.99)
+    assert lo < math.sqrt(LENS["q"]) * LENS["r_ein"] < hi
+    lo, hi = post.interval("r_ein", 0.99)
+    assert lo < LENS["r_ein"] < hi
+
+
+def test_a_fit_written_in_r_ein_seeds_a_theta_e_model_at_the_same_lens(tmp_path):
+    import json
+
+    from difflens.datasets.observation import Observation
+    from difflens.fitting import LensFit, start_from_summary
+    from difflens.infer.map import summarise_map
+
+    sim, _, data = small_problem()
+    r_model = LensModel(data, 0.02, sim, source="sersic")
+    written = LensFit(Observation(data.numpy(), 0.02, sim.pixel_scale), r_model,
+                      summarise_map(r_model, truth_sites())).summary()
+    (tmp_path / "summary.json").write_text(json.dumps(written))
+    t_model = LensModel(data, 0.02, sim, source="sersic",
+                        priors=Priors.default("sersic").with_theta_E())
+    start = start_from_summary(t_model, tmp_path)             # the folder, as the script passes it
+    assert "r_ein" not in start and "theta_E" in start
+    image = _trace(t_model, start).nodes["model_image"]["value"]
+    torch.testing.assert_close(image, sim.image(LENS, Sersic(**SRC)), rtol=1e-9, atol=1e-11)
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        start_from_summary(t_model, tmp_path / "nowhere")
+
+
+@pytest.mark.filterwarnings("ignore:poor convergence")        # 5 draws: only the bookkeeping
+def test_sites_held_at_the_map_while_sampling_stay_there():
+    from difflens.datasets.observation import Observation
+    from difflens.fitting import LensFit
+    from difflens.infer.map import summarise_map
+
+    sim, _, data = small_problem(npix=12, pixscale=0.24)
+    model = LensModel(data, 0.02, sim, source="sersic")
+    fit = LensFit(Observation(data.numpy(), 0.02, sim.pixel_scale), model,
+                  summarise_map(model, truth_sites()))
+    with pytest.raises(ValueError, match="src_size"):
+        fit.sample(5, warmup=5, chains=2, hold=("src_size",), progress=False)
+    post = fit.sample(5, warmup=5, chains=2, hold=("src_n", "g1"), progress=False).posterior
+    d = post.idata.posterior
+    assert np.all(d["src_n"].values == SRC["n"]) and np.all(d["g1"].values == LENS["g1"])
+    assert np.ptp(d["gamma"].values) > 0                      # the others are sampled
