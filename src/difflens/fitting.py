@@ -175,10 +175,7 @@ class LensFit:
         >>> fit = fit.sample(300, chains=4); fit.save("out")                  # doctest: +SKIP
         """
         sites, model = self.map.sample_sites(), self.model
-        unknown = sorted(set(hold) - set(sites))
-        if unknown:
-            raise ValueError(f"hold names {unknown}, which are not sampled sites of this fit "
-                             f"(sites: {sorted(sites)})")
+        model.check_site_names(hold, "hold")
         held = {k: v for k, v in sites.items()
                 if k in hold or (not sample_lens_light and k.startswith("light"))}
         if held:
@@ -320,10 +317,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
                         dtype=dtype)
-    unknown = sorted(set(hold) - set(model.all_priors()))
-    if unknown:                                   # before the MAP, not after it
-        raise ValueError(f"hold names {unknown}, which are not sites of this model "
-                         f"(sites: {sorted(model.all_priors())})")
+    model.check_site_names(hold, "hold")           # before the MAP, not after it
     if init is not None and not isinstance(init, dict):
         init = start_from_summary(model, init)
     result = fit_map(model, steps=steps, restarts=restarts, seed=seed, progress=progress,

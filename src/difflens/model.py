@@ -215,8 +215,9 @@ class Priors:
         """A copy that samples ``theta_E = sqrt(q) r_ein`` (arcsec) in place of ``r_ein``.
 
         ``r_ein = theta_E / sqrt(q)`` is then derived (recorded beside ``q`` and ``phi``).  This
-        changes the prior (uniform in theta_E is not uniform in r_ein unless q is fixed) and, for
-        HMC, the geometry: the arc constrains theta_E directly (module doc).
+        changes the prior (uniform in theta_E is not uniform in r_ein unless q is fixed) and the
+        coordinates HMC moves in (module doc); on the real HST lenses it did not make HMC mix
+        faster (docs/real_data.md).
 
         Parameters
         ----------
@@ -458,10 +459,8 @@ class LensModel:
         >>> m.fixed_values()
         {'g1': 0.0, 'g2': 0.01}
         """
-        known = self.all_priors()
+        self.check_site_names(values, "with_fixed")
         for k, v in values.items():
-            if k not in known:
-                raise ValueError(f"{k!r} is not a site of this model (sites: {sorted(known)})")
             if torch.as_tensor(v).numel() != 1:
                 raise ValueError(f"only scalar sites can be fixed; {k!r} has "
                                  f"{torch.as_tensor(v).numel()} values")
@@ -507,6 +506,15 @@ class LensModel:
         for i, comp in enumerate(self.priors.lens_light):
             out.update({f"light{i}_{k}": v for k, v in comp.items()})
         return out
+
+    def check_site_names(self, names, role: str):
+        """Raise a ValueError naming any of ``names`` that is not a site of this model (the
+        latent ``z`` of a VAE source counts); ``role`` says who asked (e.g. ``"hold"``)."""
+        known = set(self.all_priors()) | ({"z"} if self.source_kind == "vae" else set())
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ValueError(f"{role} names {unknown}, each not a site of this model "
+                             f"(sites: {sorted(known)})")
 
     def fixed_values(self) -> dict:
         """Parameters held fixed (priors given as numbers), by site name."""

@@ -279,10 +279,7 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
     """
     if steps < 1 or restarts < 1:
         raise ValueError("steps and restarts must be >= 1")
-    unknown = sorted(set(init or {}) - set(model.all_priors()) - {"z"})
-    if unknown:
-        raise ValueError(f"init names {unknown}, which are not sampled sites of this model "
-                         f"(sites: {sorted(model.all_priors())} and z for a VAE source)")
+    model.check_site_names(init or {}, "init")
     z_init = {}
     if model.source_kind == "vae":
         z_init["z"] = model.z_prior.mean.clone()
