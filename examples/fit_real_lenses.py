@@ -71,6 +71,9 @@ def main(argv=None):
                          "theta_E = sqrt(q) r_ein, which the arcs pin (Priors.with_theta_E)")
     ap.add_argument("--hold", action="append", default=[],
                     help="a site held at its MAP while sampling (repeatable), e.g. src_s")
+    ap.add_argument("--marginalise-amplitudes", action="store_true",
+                    help="integrate source and lens-light amplitudes out analytically "
+                         "(Priors.with_amplitudes_marginalised) instead of sampling them")
     ap.add_argument("--init-from", default=None,
                     help="output folder of an earlier run: each lens's MAP starts from its "
                          "summary.json there (the other restarts still run)")
@@ -92,6 +95,8 @@ def main(argv=None):
             priors.lens["gamma"] = TruncatedNormal(g.loc, g.scale, g.low, args.gamma_max)
         if args.radius == "theta_E":
             priors = priors.with_theta_E()
+        if args.marginalise_amplitudes:
+            priors = priors.with_amplitudes_marginalised()
         # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP)
         fit = fit_lens(obs, source=args.source, priors=priors, steps=args.steps,
                        restarts=args.restarts, samples=0, seed=args.seed,

@@ -141,7 +141,7 @@ def test_fit_checkpoint_resumes_with_the_same_draws(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:poor convergence")        # 6 draws: only the plumbing
-def test_fit_from_an_earlier_fit_with_a_site_held(tmp_path, capsys):
+def test_fit_from_an_earlier_fit_with_a_site_held_and_amplitudes_marginalised(tmp_path, capsys):
     obs_path = tmp_path / "obs.fits"
     assert main(["simulate", "--out", str(obs_path), "--source", "sersic", "--npix", "32",
                  "--pixel-scale", "0.12", "--seed", "3", "--noise-sigma", "0.05"]) == 0
@@ -150,8 +150,13 @@ def test_fit_from_an_earlier_fit_with_a_site_held(tmp_path, capsys):
     assert main(base + ["--steps", "100", "--samples", "0", "--out", str(tmp_path / "a")]) == 0
     assert main(base + ["--steps", "5", "--samples", "6", "--warmup", "6", "--chains", "2",
                         "--init-from", str(tmp_path / "a"), "--hold", "g1",
-                        "--out", str(tmp_path / "b")]) == 0
+                        "--marginalise-amplitudes", "--out", str(tmp_path / "b")]) == 0
     second = json.loads((tmp_path / "b" / "summary.json").read_text())
+    # the amplitude was integrated out: solved at the MAP, drawn per posterior draw
+    assert second["map"]["src_amp"] > 0
+    import arviz as az
+    amp = az.from_netcdf(str(tmp_path / "b" / "posterior.nc")).posterior["src_amp"].values
+    assert amp.shape == (2, 6) and amp.std() > 0
     g1 = second["posterior"]["g1"]
     assert g1["sd"] < 1e-12 and g1["mean"] == pytest.approx(second["map"]["g1"], rel=1e-12)
     assert second["posterior"]["gamma"]["sd"] > 0
@@ -160,3 +165,6 @@ def test_fit_from_an_earlier_fit_with_a_site_held(tmp_path, capsys):
     assert "summary.json" in capsys.readouterr().err
     assert main(base + ["--samples", "2", "--hold", "src_size", "--out", str(tmp_path / "d")]) == 2
     assert "src_size" in capsys.readouterr().err
+    assert main(base + ["--samples", "2", "--hold", "src_amp", "--marginalise-amplitudes",
+                        "--out", str(tmp_path / "e")]) == 2
+    assert "src_amp" in capsys.readouterr().err

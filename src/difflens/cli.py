@@ -97,7 +97,8 @@ def _cmd_fit(args):
                    steps=args.steps, restarts=args.restarts, samples=args.samples,
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler,
                    sample_lens_light=not args.hold_lens_light, hold=args.hold or (),
-                   seed=args.seed, init=args.init_from, checkpoint=args.checkpoint)
+                   seed=args.seed, init=args.init_from, checkpoint=args.checkpoint,
+                   marginalise_amplitudes=args.marginalise_amplitudes)
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample mass and source with the lens light held at its MAP")
     p.add_argument("--hold", action="append", default=None, metavar="SITE",
                    help="hold a site at its MAP while sampling (repeatable), e.g. src_s")
+    p.add_argument("--marginalise-amplitudes", action="store_true",
+                   help="integrate source and lens-light amplitudes out analytically instead "
+                        "of sampling them")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the MAP from an earlier fit's summary.json (or its folder)")
     p.add_argument("--coolest", action="store_true",

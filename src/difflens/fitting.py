@@ -53,7 +53,8 @@ def data_flux_scale(obs: Observation) -> float:
 
 
 def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=None,
-                lens_light=0, flux_scale="auto", supersample=1, dtype=torch.float64) -> LensModel:
+                lens_light=0, flux_scale="auto", supersample=1, marginalise_amplitudes=False,
+                dtype=torch.float64) -> LensModel:
     """The :class:`LensModel` of an observation (grid and PSF taken from it).
 
     Parameters
@@ -70,6 +71,11 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         Centre of the amplitude priors, image units; "auto" takes :func:`data_flux_scale`.
     supersample : int
         Sub-pixels per pixel side for ray tracing (>= 1).
+    marginalise_amplitudes : bool
+        Integrate the source and lens-light amplitudes out analytically instead of sampling
+        them (:meth:`Priors.with_amplitudes_marginalised`): fewer, better-behaved directions
+        for the sampler; their values are reported at the conditional mean (MAP) and drawn
+        per posterior draw.
 
     Examples
     --------
@@ -94,6 +100,8 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
     else:
         scale = data_flux_scale(obs) if flux_scale == "auto" else flux_scale
         pri = Priors.preset(priors, kind, lens_light=lens_light, flux_scale=scale)
+    if marginalise_amplitudes:
+        pri = pri.with_amplitudes_marginalised()
     if obs.psf is None and psf_sigma is None:
         raise ValueError("the observation has no PSF: give psf_sigma (arcsec) or a PSF kernel")
     if not (isinstance(supersample, int) and supersample >= 1):
@@ -264,15 +272,15 @@ def start_from_summary(model: LensModel, summary) -> dict:
                                                           torch.tensor(values["phi"], dtype=dtype))
         if "r_ein" in values:
             values["theta_E"] = values["q"] ** 0.5 * values["r_ein"]
-    sites = {k for k, v in model.all_priors().items() if not isinstance(v, (int, float, str))}
-    sites |= {"z"} if model.source_kind == "vae" else set()
+    sites = model.site_names()
     return {k: torch.as_tensor(v, dtype=dtype) for k, v in values.items() if k in sites}
 
 
 def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
              flux_scale="auto", supersample=1, steps=2000, restarts=4, samples=0, warmup=200,
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
-             dtype=torch.float64, progress=True, init=None, checkpoint=None) -> LensFit:
+             marginalise_amplitudes=False, dtype=torch.float64, progress=True, init=None,
+             checkpoint=None) -> LensFit:
     """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
     Parameters
@@ -282,7 +290,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     priors : "default" or "paper" (or a Priors)
     psf_sigma : float, optional
         Gaussian PSF sigma in arcsec if ``obs`` has no kernel.
-    lens_light, flux_scale, supersample : see :func:`build_model`
+    lens_light, flux_scale, supersample, marginalise_amplitudes : see :func:`build_model`
     steps, restarts : MAP settings (see :func:`difflens.infer.fit_map`)
     samples, warmup, chains : sampler settings (draws and warm-up per chain)
     sampler : "hmc" (all chains in one batched likelihood) or "nuts" (Pyro, chain after chain);
@@ -316,7 +324,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         raise ValueError("checkpoints are kept by sampler='hmc' only, not by Pyro's NUTS")
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
-                        dtype=dtype)
+                        marginalise_amplitudes=marginalise_amplitudes, dtype=dtype)
     model.check_site_names(hold, "hold")           # before the MAP, not after it
     if init is not None and not isinstance(init, dict):
         init = start_from_summary(model, init)
@@ -332,7 +340,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
                flux_scale="auto", supersample=1, steps=1000, restarts=4, chunk=64, samples=0,
-               warmup=300, chains=4, seed=0, dtype=torch.float64, progress=True) -> list:
+               warmup=300, chains=4, seed=0, marginalise_amplitudes=False, dtype=torch.float64,
+               progress=True) -> list:
     """MAP fits (and posteriors) of many observations at once, vectorised over lenses.
 
     The MAP is :func:`difflens.infer.fit_map_batch`; with ``samples > 0`` the posteriors follow
@@ -345,7 +354,7 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     Parameters
     ----------
     observations : list of Observation
-    source, priors, psf_sigma, lens_light, supersample, dtype :
+    source, priors, psf_sigma, lens_light, supersample, marginalise_amplitudes, dtype :
         As in :func:`build_model`.
     flux_scale : float or "auto"
         Centre of the amplitude priors, shared by all lenses; "auto" takes the median of
@@ -390,7 +399,7 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
         flux_scale = float(np.median([data_flux_scale(o) for o in observations]))
     model = build_model(first, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
-                        dtype=dtype)
+                        marginalise_amplitudes=marginalise_amplitudes, dtype=dtype)
     models = [model] + [model.with_data(o.image, o.noise_sigma, o.mask)
                         for o in observations[1:]]
     results = fit_map_batch(models, steps=steps, restarts=restarts, chunk=chunk, seed=seed,

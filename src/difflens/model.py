@@ -37,6 +37,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 
+from .instrument import marginal_log_likelihood
 from .simulate import Simulator
 from .sources import PixelSource, Sersic
 
@@ -81,6 +82,56 @@ class TruncatedNormal(TorchDistribution):
     def log_prob(self, value):
         lp = self._base.log_prob(value.to(torch.float64)) - torch.log(self._cdf_high - self._cdf_low)
         return lp.to(value.dtype)
+
+    @property
+    def mean(self):
+        """Mean of the truncated normal: ``loc + scale (phi(a) - phi(b)) / Z`` with ``a, b`` the
+        standardised bounds, ``phi`` the standard normal density, ``Z = Phi(b) - Phi(a)``."""
+        a, b, z = self._standardised()
+        return self.loc + self.scale * (self._pdf(a) - self._pdf(b)) / z
+
+    @property
+    def variance(self):
+        """``scale^2 [1 + (a phi(a) - b phi(b)) / Z - ((phi(a) - phi(b)) / Z)^2]``."""
+        a, b, z = self._standardised()
+        pa, pb = self._pdf(a), self._pdf(b)
+        ta = torch.where(torch.isfinite(a), a * pa, torch.zeros_like(a))
+        tb = torch.where(torch.isfinite(b), b * pb, torch.zeros_like(b))
+        return self.scale ** 2 * (1.0 + (ta - tb) / z - ((pa - pb) / z) ** 2)
+
+    def _standardised(self):
+        return ((self.low - self.loc) / self.scale, (self.high - self.loc) / self.scale,
+                self._cdf_high - self._cdf_low)
+
+    @staticmethod
+    def _pdf(t):
+        return torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class LinearAmplitude:
+    """Prior of an amplitude that is integrated out analytically: Normal(mean, sd), image units.
+
+    The predicted image is linear in the amplitudes of the source and of each lens-light
+    component, so with Gaussian priors they can be marginalised exactly
+    (:func:`difflens.instrument.marginal_log_likelihood`): the sampler never moves them, and
+    their posterior given the other parameters is Gaussian, drawn after sampling.  A Gaussian
+    allows negative amplitudes; with a broad ``sd`` the prior barely matters.  Set by
+    :meth:`Priors.with_amplitudes_marginalised`.
+
+    Examples
+    --------
+    >>> LinearAmplitude(1.0, 3.0).sd
+    3.0
+    """
+
+    mean: float
+    sd: float
+
+    def __post_init__(self):
+        if not (math.isfinite(self.mean) and math.isfinite(self.sd) and self.sd > 0):
+            raise ValueError(f"LinearAmplitude needs a finite mean and a finite sd > 0, got "
+                             f"mean={self.mean!r}, sd={self.sd!r}")
 
 
 def ellipticity_to_q_phi(e1, e2, q_min=Q_MIN):
@@ -238,6 +289,35 @@ class Priors:
                 for k, v in self.lens.items()}
         return replace(self, lens=lens, lens_light=[dict(c) for c in self.lens_light],
                        source=dict(self.source))
+
+    def with_amplitudes_marginalised(self) -> "Priors":
+        """A copy in which every sampled amplitude (source ``amp``, lens-light ``amp``) is
+        integrated out analytically instead of sampled (:class:`LinearAmplitude`).
+
+        Each amplitude prior is replaced by the normal distribution with its mean and standard
+        deviation (moment matching: for the default log-normal ``amp ~ LogNormal(log f, 1.5)``
+        that is N(3.1 f, (9.2 f)^2)), which makes the marginal likelihood exact.  Amplitudes
+        held fixed (numbers) stay fixed.  The sampler then moves only the non-linear
+        parameters; the amplitude and the source's size ``s`` and latent ``z`` were the slowest
+        directions of HMC on the real lenses (docs/real_data.md).
+
+        Examples
+        --------
+        >>> p = Priors.default("sersic", lens_light=1).with_amplitudes_marginalised()
+        >>> type(p.source["amp"]).__name__, type(p.lens_light[0]["amp"]).__name__
+        ('LinearAmplitude', 'LinearAmplitude')
+        """
+        def gaussian(prior):
+            if isinstance(prior, (int, float, LinearAmplitude)):
+                return prior
+            return LinearAmplitude(float(prior.mean), float(prior.stddev))
+
+        source = dict(self.source)
+        if "amp" in source:
+            source["amp"] = gaussian(source["amp"])
+        light = [{k: (gaussian(v) if k == "amp" else v) for k, v in c.items()}
+                 for c in self.lens_light]
+        return replace(self, lens=dict(self.lens), source=source, lens_light=light)
 
     @classmethod
     def preset(cls, name: str, source="vae", **kwargs):
@@ -489,13 +569,29 @@ class LensModel:
     def derived_sites(self):
         """Lens parameters computed from the sampled ones and recorded as deterministic sites:
         ``q, phi`` (from e1, e2) and ``r_ein`` where theta_E is sampled."""
-        return ("q", "phi") + (("r_ein",) if "theta_E" in self.priors.lens else ())
+        return (("q", "phi") + (("r_ein",) if "theta_E" in self.priors.lens else ())
+                + self.linear_sites)
+
+    @property
+    def linear_sites(self):
+        """Amplitudes integrated out analytically (:class:`LinearAmplitude` priors), in the
+        order of :meth:`Simulator.component_images`: ``src_amp``, ``light0_amp``, ...  Recorded
+        as deterministic sites at their conditional mean."""
+        return tuple(k for k, _ in self._amplitude_priors() if isinstance(_, LinearAmplitude))
+
+    def _amplitude_priors(self):
+        """(site name, prior) of each profile's amplitude, in component-image order."""
+        return [("src_amp", self.priors.source.get("amp"))] + [
+            (f"light{i}_amp", c.get("amp")) for i, c in enumerate(self.priors.lens_light)]
 
     def _sample(self, name, prior):
-        """A sample site, or a constant when the prior is a plain number (a fixed parameter)."""
+        """A sample site; a constant when the prior is a plain number (a fixed parameter), and 1
+        for an amplitude integrated out (the profile then is a unit template)."""
         dtype, device = self.simulator.x.dtype, self.simulator.x.device
         if isinstance(prior, (int, float)):
             return torch.tensor(float(prior), dtype=dtype, device=device)
+        if isinstance(prior, LinearAmplitude):
+            return torch.ones((), dtype=dtype, device=device)
         return pyro.sample(name, prior).to(dtype=dtype, device=device)
 
     def all_priors(self) -> dict:
@@ -507,10 +603,20 @@ class LensModel:
             out.update({f"light{i}_{k}": v for k, v in comp.items()})
         return out
 
+    def site_names(self, include_fixed=False) -> set:
+        """Names of the sampled sites (with the latent ``z`` of a VAE source); with
+        ``include_fixed`` also the parameters held fixed.  Amplitudes integrated out and centres
+        tied to the mass are not sites."""
+        names = {k for k, v in self.all_priors().items()
+                 if not isinstance(v, (str, LinearAmplitude))
+                 and (include_fixed or not isinstance(v, (int, float)))}
+        return names | ({"z"} if self.source_kind == "vae" else set())
+
     def check_site_names(self, names, role: str):
-        """Raise a ValueError naming any of ``names`` that is not a site of this model (the
-        latent ``z`` of a VAE source counts); ``role`` says who asked (e.g. ``"hold"``)."""
-        known = set(self.all_priors()) | ({"z"} if self.source_kind == "vae" else set())
+        """Raise a ValueError naming any of ``names`` that is not a site of this model (sampled
+        or fixed; the latent ``z`` of a VAE source counts); ``role`` says who asked (e.g.
+        ``"hold"``)."""
+        known = self.site_names(include_fixed=True)
         unknown = sorted(set(names) - known)
         if unknown:
             raise ValueError(f"{role} names {unknown}, each not a site of this model "
@@ -542,24 +648,81 @@ class LensModel:
         return Sersic(amp=p["amp"], r_e=p["r_e"], n=p["n"], q=q, phi=phi, x0=p["x0"], y0=p["y0"])
 
     def lens_light_image(self, values: dict):
-        """The PSF-convolved lens light alone, for site ``values`` (e.g. the MAP)."""
-        def light_only():
-            lens = {k: self._sample(k, d) for k, d in self.priors.lens.items()}
-            return self.simulator.image(None, None, self.sample_lens_light(lens))
-
+        """The PSF-convolved lens light alone, for site ``values`` (e.g. the MAP); amplitudes
+        integrated out are set to their conditional mean given ``values``."""
+        if not self.priors.lens_light:
+            return None
         with torch.no_grad():
-            return pyro.poutine.condition(light_only, data=values)()
+            lens, _, lights = pyro.poutine.condition(self._profiles, data=values)()
+            parts = self.simulator.component_images(None, None, lights)
+            solved = {}
+            if self.linear_sites:
+                solved = dict(zip(self.linear_sites, self.amplitude_posterior(values)[0].unbind(-1)))
+            scale = torch.stack([torch.as_tensor(solved.get(f"light{i}_amp", 1.0), dtype=parts.dtype,
+                                                 device=parts.device)
+                                 for i in range(len(lights))])
+            return (scale[..., None, None] * parts).sum(-3)
 
-    def predict(self):
-        """Sample all parameters and return the predicted image (no likelihood)."""
+    def amplitude_posterior(self, values: dict):
+        """Mean ``(..., K)`` and covariance ``(..., K, K)`` of the amplitudes integrated out
+        (:attr:`linear_sites`, image units) given the other sites' ``values`` (leading batch
+        allowed): the Gaussian they follow in the posterior at those values."""
+        if not self.linear_sites:
+            raise ValueError("this model integrates out no amplitudes "
+                             "(Priors.with_amplitudes_marginalised)")
+        with torch.no_grad():
+            parts = pyro.poutine.condition(self._profiles, data=values)()
+            _, mean, cov, _ = self._linear_solve(*parts)
+        return mean, cov
+
+    def _profiles(self):
+        """Sample every site; return the simulator's lens dict, the source and the lens-light
+        profiles (unit amplitude where it is integrated out)."""
         sites = {k: self._sample(k, d) for k, d in self.priors.lens.items()}
         lens = lens_from_sites(sites)
-        for k in self.derived_sites:
+        for k in ("q", "phi") + (("r_ein",) if "theta_E" in sites else ()):
             pyro.deterministic(k, lens[k])
-        source = self.sample_source()
-        return self.simulator.image(lens, source, self.sample_lens_light(lens))
+        return lens, self.sample_source(), self.sample_lens_light(lens)
+
+    def _linear_solve(self, lens, source, lights):
+        """Split the image into the part with fixed or sampled amplitudes and the unit templates
+        of the amplitudes integrated out; return (log evidence, mean, cov, image at the mean)."""
+        parts = self.simulator.component_images(lens, source, lights)
+        linear = [k for k, (_, p) in enumerate(self._amplitude_priors())
+                  if isinstance(p, LinearAmplitude)]
+        rest = [k for k in range(parts.shape[-3]) if k not in linear]
+        fixed = parts[..., rest, :, :].sum(-3)
+        templates = parts[..., linear, :, :]
+        priors = [p for _, p in self._amplitude_priors() if isinstance(p, LinearAmplitude)]
+        log_evidence, mean, cov = marginal_log_likelihood(
+            templates, self.data - fixed, self.noise_sigma,
+            torch.tensor([p.mean for p in priors], dtype=torch.float64),
+            torch.tensor([p.sd for p in priors], dtype=torch.float64),
+            self.mask)
+        image = fixed + (mean[..., None, None] * templates).sum(-3)
+        return log_evidence, mean, cov, image
+
+    def predict(self):
+        """Sample all parameters and return the predicted image (no likelihood); amplitudes
+        integrated out are at their conditional mean (and recorded as deterministic sites)."""
+        lens, source, lights = self._profiles()
+        if not self.linear_sites:
+            return self.simulator.image(lens, source, lights)
+        return self._marginal(lens, source, lights)[1]
+
+    def _marginal(self, lens, source, lights):
+        log_evidence, mean, _, image = self._linear_solve(lens, source, lights)
+        for k, name in enumerate(self.linear_sites):
+            pyro.deterministic(name, mean[..., k])
+        return log_evidence, image
 
     def __call__(self):
+        if self.linear_sites:
+            # p(d | theta) with the amplitudes integrated out: a factor, not an observed site
+            log_evidence, image = self._marginal(*self._profiles())
+            pyro.deterministic("model_image", image)
+            pyro.factor("obs", log_evidence)
+            return
         image = self.predict()
         pyro.deterministic("model_image", image)
         likelihood = dist.Normal(image, self.noise_sigma.expand_as(image))

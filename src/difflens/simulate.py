@@ -284,21 +284,56 @@ class Simulator:
             else:
                 profile(self.x[None, ..., :1, :1], self.y[None, ..., :1, :1])
 
-    def _brightness(self, x, y, lens, source, lens_light):
-        """Unconvolved surface brightness on the grid ``x, y``: (B, *S), and whether batched."""
-        brightness = 0.0
-        batched = False
+    def component_images(self, lens: dict, source, lens_light=()):
+        """The PSF-convolved image of each profile separately: the lensed source first, then
+        each lens-light component (the terms :meth:`image` adds up).
+
+        Used where amplitudes are solved for or marginalised (:mod:`difflens.model`): the
+        image is linear in each profile's amplitude.
+
+        Returns
+        -------
+        Tensor (K, ny, nx), or (B, K, ny, nx) when the lens, the source or the light is
+        batched; K = (1 if source else 0) + len(lens_light).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from difflens.sources import Sersic
+        >>> sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
+        >>> lens = dict(r_ein=1.0, q=0.8, phi=0.3, gamma=2.0, x0=0.0, y0=0.0, g1=0.0, g2=0.0)
+        >>> src, light = Sersic(amp=1.0, r_e=0.2, n=1.0), Sersic(amp=2.0, r_e=0.5, n=4.0)
+        >>> parts = sim.component_images(lens, src, [light])
+        >>> parts.shape, bool(torch.allclose(parts.sum(0), sim.image(lens, src, [light])))
+        (torch.Size([2, 16, 16]), True)
+        """
+        if source is None and not lens_light:
+            raise ValueError("nothing to image: give a source or lens light")
+        terms, batched = self._terms(self.x, self.y, lens, source, lens_light)
+        batch = max(t.shape[0] for t in terms)
+        stacked = torch.stack([t.expand(batch, *t.shape[1:]) for t in terms], dim=1)
+        img = self.observe(stacked)
+        return img if batched or batch > 1 else img[0]
+
+    def _terms(self, x, y, lens, source, lens_light):
+        """Unconvolved surface brightness of each profile on the grid ``x, y``: a list of
+        (1 or B, *S) tensors, the lensed source first, and whether any input was batched."""
+        terms, batched = [], False
         if source is not None:
             bx, by = ray_trace(x, y, lens, method=self.deflection_method, table=self.table)
             batched = bx.ndim == x.ndim + 1
             if not batched:
                 bx, by = bx[None], by[None]
-            brightness = source(bx, by)
+            terms.append(source(bx, by))
         for light in lens_light:
-            term = light(x[None], y[None])
-            batched = batched or term.shape[0] > 1
-            brightness = brightness + term
-        return brightness, batched
+            terms.append(light(x[None], y[None]))
+            batched = batched or terms[-1].shape[0] > 1
+        return terms, batched
+
+    def _brightness(self, x, y, lens, source, lens_light):
+        """Unconvolved surface brightness on the grid ``x, y``: (B, *S), and whether batched."""
+        terms, batched = self._terms(x, y, lens, source, lens_light)
+        return sum(terms[1:], terms[0]), batched
 
     def _render(self, lens, source, lens_light):
         brightness, batched = self._brightness(self.x, self.y, lens, source, lens_light)

@@ -183,11 +183,11 @@ def _restart_values(model: LensModel, guess: dict, generator: torch.Generator,
         out.update(e1=0.03, e2=0.01, gamma=2.0, g1=0.001, g2=0.001)
         if model.source_kind == "sersic":
             out.update(src_r_e=0.2, src_n=1.0, src_e1=0.03, src_e2=0.01)
-    priors = model.all_priors()
+    priors, sites = model.all_priors(), model.site_names()
     if "src_x0" in priors:
         out.update(src_x0=guess["x0"], src_y0=guess["y0"])
     return {k: _inside(priors[k], torch.as_tensor(v, dtype=dtype)) for k, v in out.items()
-            if k in priors and not isinstance(priors[k], (int, float, str))}
+            if k in sites}
 
 
 def _support_bounds(prior):
@@ -292,7 +292,7 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
     # fit: the arcs then drive the search, not the light profile
     priors = model.all_priors()
     light = {k: _inside(priors[k], torch.as_tensor(v)) for k, v in guess.items()
-             if k.startswith("light")}
+             if k.startswith("light") and k in model.site_names()}
     searched = pyro.poutine.condition(model, data=light) if light else model
     for r in range(restarts):
         values = dict(z_init)
@@ -330,7 +330,7 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
     resid = (model.data - image) / model.noise_sigma
     if model.mask is not None:
         resid = torch.where(model.mask, resid, torch.zeros_like(resid))
-    n_params = sum(int(v.numel()) for v in values.values())
+    n_params = sum(int(v.numel()) for v in values.values()) + len(model.linear_sites)
     chi2 = float((resid ** 2).sum())
     log_post = float(sum(site["log_prob_sum"] for site in tr.nodes.values()
                          if site["type"] == "sample" and "log_prob_sum" in site))

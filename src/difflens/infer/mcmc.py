@@ -217,7 +217,7 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     sites = space.constrained(flat0 + u.reshape(-1, d) @ factor.T)
     posterior = {n: v.detach().cpu().numpy().reshape(chains, num_samples, *v.shape[1:])
                  for n, v in sites.items()}
-    return _posterior_from_draws(model, init, posterior, chains)
+    return _posterior_from_draws(model, init, posterior, chains, seed)
 
 
 def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains=4, seed=0,
@@ -290,7 +290,7 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
     for i, (m, init) in enumerate(zip(models, inits)):
         posterior = {n: v.reshape(n_lens, chains, num_samples, *v.shape[1:])[i]
                      .detach().cpu().numpy() for n, v in sites.items()}
-        out.append(_posterior_from_draws(m, init, posterior, chains))
+        out.append(_posterior_from_draws(m, init, posterior, chains, seed + i))
     return out
 
 
@@ -331,11 +331,48 @@ def _nuts_chain(potential, u0, num_samples, warmup, seed, target_accept, max_tre
     return mcmc.get_samples()["u"]
 
 
-def _posterior_from_draws(model, init, posterior, chains) -> Posterior:
-    """Add fixed and derived parameters (q, phi, theta_E), compute R-hat / ESS, warn if poor."""
+def amplitude_draws(model: LensModel, posterior: dict, seed=0, chunk=32) -> dict:
+    """One draw of each amplitude integrated out (``model.linear_sites``) per posterior draw.
+
+    Given the other parameters the amplitudes are Gaussian
+    (:meth:`difflens.model.LensModel.amplitude_posterior`), so a draw from that Gaussian at each
+    posterior draw gives samples of the joint posterior, as if they had been sampled.
+
+    Parameters
+    ----------
+    posterior : dict of str -> ndarray (chains, draws, ...)
+        The sampled sites.
+    seed : int
+    chunk : int
+        Draws evaluated per batched model call.
+
+    Returns
+    -------
+    dict of str -> ndarray (chains, draws); empty when the model integrates out no amplitude.
+    """
+    names = model.linear_sites
+    if not names:
+        return {}
+    dtype, device = model.simulator.x.dtype, model.simulator.x.device
+    shape = posterior[next(iter(posterior))].shape[:2]
+    flat = {k: torch.as_tensor(v, dtype=dtype, device=device).reshape(-1, *v.shape[2:])
+            for k, v in posterior.items()}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    draws = []
+    for i in range(0, shape[0] * shape[1], chunk):
+        mean, cov = model.amplitude_posterior({k: v[i:i + chunk] for k, v in flat.items()})
+        noise = torch.randn(mean.shape, generator=gen, dtype=cov.dtype, device=device)
+        draws.append(mean.to(cov.dtype) + (torch.linalg.cholesky(cov) @ noise[..., None])[..., 0])
+    out = torch.cat(draws).cpu().numpy().reshape(*shape, len(names))
+    return {name: out[..., k] for k, name in enumerate(names)}
+
+
+def _posterior_from_draws(model, init, posterior, chains, seed=0) -> Posterior:
+    """Add fixed and derived parameters (q, phi, theta_E; amplitudes integrated out), compute R-hat / ESS, warn if poor."""
     import arviz as az
 
     shape = posterior[next(iter(posterior))].shape[:2]
+    posterior.update(amplitude_draws(model, posterior, seed))
     for k, v in model.fixed_values().items():
         posterior[k] = np.full(shape, v)
     q, phi = ellipticity_to_q_phi(torch.as_tensor(posterior["e1"]), torch.as_tensor(posterior["e2"]))
