@@ -569,8 +569,11 @@ class LensModel:
     def derived_sites(self):
         """Lens parameters computed from the sampled ones and recorded as deterministic sites:
         ``q, phi`` (from e1, e2) and ``r_ein`` where theta_E is sampled."""
-        return (("q", "phi") + (("r_ein",) if "theta_E" in self.priors.lens else ())
-                + self.linear_sites)
+        return self._derived_lens_sites + self.linear_sites
+
+    @property
+    def _derived_lens_sites(self):
+        return ("q", "phi") + (("r_ein",) if "theta_E" in self.priors.lens else ())
 
     @property
     def linear_sites(self):
@@ -657,9 +660,10 @@ class LensModel:
             parts = self.simulator.component_images(None, None, lights)
             solved = {}
             if self.linear_sites:
-                solved = dict(zip(self.linear_sites, self.amplitude_posterior(values)[0].unbind(-1)))
-            scale = torch.stack([torch.as_tensor(solved.get(f"light{i}_amp", 1.0), dtype=parts.dtype,
-                                                 device=parts.device)
+                mean = self.amplitude_posterior(values)[0]
+                solved = dict(zip(self.linear_sites, mean.unbind(-1)))
+            scale = torch.stack([torch.as_tensor(solved.get(f"light{i}_amp", 1.0),
+                                                 dtype=parts.dtype, device=parts.device)
                                  for i in range(len(lights))])
             return (scale[..., None, None] * parts).sum(-3)
 
@@ -680,7 +684,7 @@ class LensModel:
         profiles (unit amplitude where it is integrated out)."""
         sites = {k: self._sample(k, d) for k, d in self.priors.lens.items()}
         lens = lens_from_sites(sites)
-        for k in ("q", "phi") + (("r_ein",) if "theta_E" in sites else ()):
+        for k in self._derived_lens_sites:
             pyro.deterministic(k, lens[k])
         return lens, self.sample_source(), self.sample_lens_light(lens)
 
@@ -688,12 +692,12 @@ class LensModel:
         """Split the image into the part with fixed or sampled amplitudes and the unit templates
         of the amplitudes integrated out; return (log evidence, mean, cov, image at the mean)."""
         parts = self.simulator.component_images(lens, source, lights)
-        linear = [k for k, (_, p) in enumerate(self._amplitude_priors())
-                  if isinstance(p, LinearAmplitude)]
+        amps = self._amplitude_priors()
+        linear = [k for k, (_, p) in enumerate(amps) if isinstance(p, LinearAmplitude)]
         rest = [k for k in range(parts.shape[-3]) if k not in linear]
         fixed = parts[..., rest, :, :].sum(-3)
         templates = parts[..., linear, :, :]
-        priors = [p for _, p in self._amplitude_priors() if isinstance(p, LinearAmplitude)]
+        priors = [amps[k][1] for k in linear]
         log_evidence, mean, cov = marginal_log_likelihood(
             templates, self.data - fixed, self.noise_sigma,
             torch.tensor([p.mean for p in priors], dtype=torch.float64),
