@@ -436,13 +436,13 @@ def marginal_log_likelihood(templates, data, noise_sigma, prior_mean, prior_sd, 
 
     The model image is linear in K amplitudes, ``m = sum_k a_k T_k``, with a Gaussian prior
     ``a ~ N(mu, diag(sd^2))``.  With ``W = diag(mask / sigma^2)``, ``A = T^T W T + diag(1/sd^2)``
-    and ``b = T^T W d + mu / sd^2``, the amplitudes given the data are ``N(A^-1 b, A^-1)`` and
+    and ``b = T^T W d + mu / sd^2``, the amplitudes given the data are ``N(A^-1 b, A^-1)`` and::
 
         log p(d) = -1/2 [chi^2(a*) + (a* - mu)^T diag(1/sd^2) (a* - mu)]
                    -1/2 sum_i m_i log(2 pi sigma_i^2) - 1/2 log det A - sum_k log sd_k,
 
     ``a* = A^-1 b`` (the "linear inversion" of lens modelling, here with a proper Gaussian prior so
-    the evidence is exact; e.g. Suyu et al. 2006, eq. 19, for pixelated sources).  chi^2 is
+    the evidence is exact; cf. Suyu et al. 2006 for pixelated sources).  chi^2 is
     summed from the residual at ``a*`` (no cancellation of large terms); the K x K solve runs in
     float64.
 
