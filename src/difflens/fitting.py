@@ -28,7 +28,7 @@ def _source_model(source):
     if isinstance(source, str) and source == "vae":
         from .sources.vae import load_default_vae
 
-        return load_default_vae()
+        return load_default_vae(with_encoder=True)     # the encoder starts the MAP's source
     return source
 
 

@@ -697,14 +697,22 @@ class LensModel:
         rest = [k for k in range(parts.shape[-3]) if k not in linear]
         fixed = parts[..., rest, :, :].sum(-3)
         templates = parts[..., linear, :, :]
-        priors = [amps[k][1] for k in linear]
         log_evidence, mean, cov = marginal_log_likelihood(
-            templates, self.data - fixed, self.noise_sigma,
-            torch.tensor([p.mean for p in priors], dtype=torch.float64),
-            torch.tensor([p.sd for p in priors], dtype=torch.float64),
-            self.mask)
+            templates, self.data - fixed, self.noise_sigma, *self._linear_prior(), self.mask)
         image = fixed + (mean[..., None, None] * templates).sum(-3)
         return log_evidence, mean, cov, image
+
+    def _linear_prior(self):
+        """Prior means and sds (float64, on the data's device) of the amplitudes integrated out,
+        made once per ``Priors`` object rather than copied to the device on every call."""
+        cached = getattr(self, "_linear_prior_cache", None)
+        if cached is None or cached[0] is not self.priors:
+            priors = [p for _, p in self._amplitude_priors() if isinstance(p, LinearAmplitude)]
+            kw = dict(dtype=torch.float64, device=self.data.device)
+            cached = (self.priors, torch.tensor([p.mean for p in priors], **kw),
+                      torch.tensor([p.sd for p in priors], **kw))
+            self._linear_prior_cache = cached
+        return cached[1:]
 
     def predict(self):
         """Sample all parameters and return the predicted image (no likelihood); amplitudes

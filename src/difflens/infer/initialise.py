@@ -11,6 +11,12 @@ light anywhere only if the Einstein radius and centre are roughly right.  Two ca
   lens centre, and the Einstein radius is the significance-weighted median radius of what the
   light model leaves behind (the arcs), ignoring the core where the light model is least exact --
   :func:`initialise`.  The joint fit then starts from both.
+
+Once a lens is roughly right, the source can be read off the data too
+(:func:`source_from_arcs`): every pixel is mapped back to the source plane through the lens
+equation, beta = theta - alpha(theta) (eq. 1), and its lens-light-subtracted brightness averaged
+into a stamp there; the VAE encoder turns that stamp into a latent start -- amortised
+initialisation (paper Sec. 6).
 """
 from __future__ import annotations
 
@@ -18,9 +24,12 @@ import math
 
 import torch
 
+import pyro
+
 from ..instrument import convolve, pixel_grid
 from ..model import LensModel, ellipticity_to_q_phi, q_phi_to_ellipticity
-from ..sources import Sersic
+from ..simulate import ray_trace
+from ..sources import PixelSource, Sersic
 
 
 def _grid(model: LensModel):
@@ -213,3 +222,131 @@ def initialise(model: LensModel, threshold=3.0) -> dict:
         arcs = (torch.tensor(1.0, dtype=model.data.dtype), 10 * model.noise_sigma.mean())
     values["r_ein"], values["src_amp"] = arcs
     return values
+
+
+def stamp_rms_radius(stamp):
+    """Light-weighted rms radius of a stamp in units of its half-width (pixel centres at
+    u = -1 + (2j + 1) / W, the :func:`difflens.sources.image.sample_image` convention); negative
+    pixels count as zero.
+
+    Examples
+    --------
+    >>> import torch
+    >>> stamp = torch.zeros(64, 64)
+    >>> stamp[31:33, 31:33] = 1.0                 # the four central pixels, at |u| = |v| = 1/64
+    >>> round(stamp_rms_radius(stamp) * 64, 6)
+    1.414214
+    """
+    h, w = stamp.shape[-2:]
+    v = -1 + (2 * torch.arange(h, dtype=stamp.dtype, device=stamp.device) + 1) / h
+    u = -1 + (2 * torch.arange(w, dtype=stamp.dtype, device=stamp.device) + 1) / w
+    light = stamp.clamp(min=0)
+    r2 = v[:, None] ** 2 + u[None, :] ** 2
+    return float(torch.sqrt((light * r2).sum() / light.sum()))
+
+
+def back_project(model: LensModel, values: dict, centre, half_width, size=64, residual=None):
+    """The data mapped back to the source plane: a ``size`` x ``size`` stamp spanning
+    ``centre`` +- ``half_width`` arcsec (row i along +y, column j along +x).
+
+    Every unmasked pixel's source-plane position beta = theta - alpha(theta) (eq. 1) is computed
+    for the lens in ``values`` (site values; others drawn from the prior); each stamp pixel holds
+    the inverse-variance weighted mean of the ``residual`` (default: data minus the lens-light
+    model at ``values``) of the image pixels landing in it, 0 where none does.  Surface brightness
+    is conserved by lensing, so for the right lens this is the source, blurred by the PSF (not
+    deconvolved) and sampled where the arcs are.
+
+    Returns
+    -------
+    stamp : Tensor (size, size), image units
+    hits : Tensor (size, size), number of image pixels in each stamp pixel
+
+    Examples
+    --------
+    >>> stamp, hits = back_project(model, fit.values, (0.0, 0.0), 1.0)     # doctest: +SKIP
+    """
+    data, sigma, sim = model.data, model.noise_sigma, model.simulator
+    with torch.no_grad():
+        lens = pyro.poutine.condition(model._profiles, data=values)()[0]
+        if residual is None:
+            light = model.lens_light_image(values)
+            residual = data - light if light is not None else data
+        x, y = _grid(model)
+        bx, by = ray_trace(x, y, lens, method=sim.deflection_method, table=sim.table)
+        step = 2.0 * float(half_width) / size
+        j = torch.floor((bx - (float(centre[0]) - float(half_width))) / step).long()
+        i = torch.floor((by - (float(centre[1]) - float(half_width))) / step).long()
+        keep = _used(model) & (i >= 0) & (i < size) & (j >= 0) & (j < size)
+        w = (1.0 / sigma ** 2).expand_as(data)[keep]
+        index = (i * size + j)[keep]
+        flux = torch.zeros(size * size, dtype=data.dtype, device=data.device)
+        weight = torch.zeros_like(flux)
+        hits = torch.zeros_like(flux)
+        flux.index_add_(0, index, w * residual[keep])
+        weight.index_add_(0, index, w)
+        hits.index_add_(0, index, torch.ones_like(w))
+        stamp = torch.where(weight > 0, flux / weight.clamp(min=1e-300), torch.zeros_like(flux))
+    return stamp.reshape(size, size), hits.reshape(size, size)
+
+
+def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
+                     widths=(0.7, 1.0, 1.4, 2.0, 2.8, 4.0)) -> dict:
+    """Source placement and latent read off the data for the lens in ``values``.
+
+    The significant pixels (> ``threshold`` sigma above the lens light, unmasked) are mapped to
+    the source plane (eq. 1): their light-weighted centroid is the source centre
+    ``src_x0, src_y0`` (arcsec).  Their light-weighted rms radius, divided by the fraction of the
+    stamp that the latent prior's mean galaxy fills (:func:`stamp_rms_radius`), is a first
+    half-width; since the faint outskirts are not significant it is low, so each multiple in
+    ``widths`` of it is tried: the data are back-projected onto a stamp of that half-width
+    (:func:`back_project`), normalised to a peak of 1 as the VAE's training stamps are, and
+    encoded (encoder mean; the latent prior's mean when the model's VAE has no encoder), and the
+    half-width whose decoded source, lensed and with its amplitude solved by weighted least
+    squares, leaves the smallest chi^2 is kept.
+
+    Returns
+    -------
+    dict
+        ``src_x0, src_y0, src_s`` (arcsec), ``src_amp`` (image units) and ``z``; {} for a
+        Sersic source or when fewer than 5 pixels are significant.
+
+    Examples
+    --------
+    >>> start = source_from_arcs(model, fit.values)          # doctest: +SKIP
+    """
+    if model.source_kind != "vae":
+        return {}
+    data, sigma, vae, sim = model.data, model.noise_sigma, model.vae, model.simulator
+    with torch.no_grad():
+        lens = pyro.poutine.condition(model._profiles, data=values)()[0]
+        light = model.lens_light_image(values)
+        residual = data - light if light is not None else data
+        pick = (residual / sigma > threshold) & _used(model)
+        if int(pick.sum()) < 5:
+            return {}
+        x, y = _grid(model)
+        bx, by = ray_trace(x[pick], y[pick], lens, method=sim.deflection_method, table=sim.table)
+        w = residual[pick]
+        cx, cy = (w * bx).sum() / w.sum(), (w * by).sum() / w.sum()
+        rms = torch.sqrt((w * ((bx - cx) ** 2 + (by - cy) ** 2)).sum() / w.sum())
+        mean_galaxy = vae.decode(model.z_prior.mean[None])[0]
+        first = float(rms) / stamp_rms_radius(mean_galaxy)
+        weight = _used(model) / sigma ** 2
+        best = None
+        for half_width in (first * f for f in widths):
+            stamp, _ = back_project(model, values, (cx, cy), half_width, mean_galaxy.shape[-1],
+                                    residual=residual)
+            peak = stamp.max()
+            if float(peak) <= 0:
+                continue
+            z = model.z_prior.mean.clone()
+            if vae.encoder is not None:
+                z = vae.encode((stamp / peak).to(mean_galaxy.dtype)[None])[0][0].to(z.dtype)
+            unit = sim.image(lens, PixelSource(vae.decode(z), x0=cx, y0=cy, s=half_width,
+                                               amp=1.0))
+            amp = (weight * residual * unit).sum() / (weight * unit * unit).sum()
+            chi2 = float((weight * (residual - amp * unit) ** 2).sum())
+            if float(amp) > 0 and (best is None or chi2 < best[0]):
+                best = (chi2, dict(src_x0=cx, src_y0=cy, z=z, src_amp=amp,
+                                   src_s=torch.as_tensor(half_width, dtype=data.dtype)))
+    return best[1] if best else {}

@@ -5,8 +5,10 @@ guide with ``Trace_ELBO`` is exactly MAP).  Schedule: ``restarts`` short runs of
 ``restart_steps``, each from the lens centre and Einstein radius read off the image
 (:func:`difflens.infer.initialise.initialise`, after a lens-light-only fit when there is lens
 light; jittered) with the other parameters drawn from the prior and the source
-latent at its prior mean (with a flexible source, blind prior draws rarely find the right basin), the
-best of which is continued for up to ``steps`` Adam steps with a learning rate decaying
+latent at its prior mean (with a flexible source, blind prior draws rarely find the right basin).
+With a VAE source one more short run starts from the best restart's lens with the source read off
+the data (the arcs mapped back to the source plane and encoded,
+:func:`difflens.infer.initialise.source_from_arcs`).  The best of these is continued for up to ``steps`` Adam steps with a learning rate decaying
 geometrically from ``lr`` to ``lr * lr_final_fraction``; it stops early once the loss improves by
 less than ``tol`` (relative) over ``window`` steps.  Adam's fixed-size steps only approach the
 optimum, so the result is polished with L-BFGS (strong Wolfe line search), which is kept only if it
@@ -27,7 +29,7 @@ from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 
 from ..model import LensModel
 from ..simulate import LENS_PARAMS
-from .initialise import initialise
+from .initialise import initialise, source_from_arcs
 
 
 @dataclass
@@ -240,7 +242,7 @@ def _complete(model: LensModel, values: dict) -> dict:
 
 def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, restarts=4,
             restart_steps=250, tol=1e-6, window=100, polish_steps=300, init=None,
-            data_guess=True, seed=0, progress=True) -> MAPResult:
+            data_guess=True, encode_source=True, seed=0, progress=True) -> MAPResult:
     """Fit the MAP of ``model``.
 
     Parameters
@@ -261,6 +263,11 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
         initialise`), jittered; otherwise every restart is a prior draw.
     init : dict, optional
         Site values to start from (e.g. truths, or a previous fit); used as the first restart.
+    encode_source : bool
+        With a VAE source, one more short run after the restarts: the data mapped back through
+        the best restart's lens onto a source stamp, encoded by the VAE encoder for the latent,
+        with the source centre and size read off the back-projected arcs
+        (:func:`difflens.infer.initialise.source_from_arcs`); kept if it ends better.
     seed : int
         Makes the fit reproducible.
 
@@ -294,6 +301,17 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
     light = {k: _inside(priors[k], torch.as_tensor(v)) for k, v in guess.items()
              if k.startswith("light") and k in model.site_names()}
     searched = pyro.poutine.condition(model, data=light) if light else model
+
+    def short_run(values, desc, run_seed):
+        # copies: the optimiser updates its parameters in place, and these tensors may be the
+        # caller's (init) or the model's own (the latent prior mean)
+        values = {k: torch.as_tensor(v).detach().clone() for k, v in values.items()}
+        fn = init_to_value(values=values, fallback=init_to_sample)
+        vals, losses = _run(searched, fn, restart_steps, lr, 0.5, 0.0, window, progress, desc,
+                            run_seed)
+        restart_losses.append(float(np.mean(losses[-20:])))
+        return restart_losses[-1], {**light, **vals}
+
     for r in range(restarts):
         values = dict(z_init)
         if r == 0 and init is not None:
@@ -302,16 +320,18 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
             values.update(_restart_values(model, guess, gen, jitter=r > 0))
         if guess or (r == 0 and init is not None):
             values = _complete(model, values)
-        # copies: the optimiser updates its parameters in place, and these tensors may be the
-        # caller's (init) or the model's own (the latent prior mean)
-        values = {k: torch.as_tensor(v).detach().clone() for k, v in values.items()}
-        fn = init_to_value(values=values, fallback=init_to_sample)
-        vals, losses = _run(searched, fn, restart_steps, lr, 0.5, 0.0, window, progress,
-                            f"MAP restart {r + 1}/{restarts}", seed + r)
-        final = float(np.mean(losses[-20:]))
-        restart_losses.append(final)
-        if best is None or final < best[0]:
-            best = (final, {**light, **vals})
+        run = short_run(values, f"MAP restart {r + 1}/{restarts}", seed + r)
+        if best is None or run[0] < best[0]:
+            best = run
+    start = source_from_arcs(model, best[1]) if encode_source else {}
+    if start:
+        sites = model.site_names()
+        start = {k: _inside(priors[k], v) if k in priors else v for k, v in start.items()
+                 if k in sites}
+        run = short_run(_complete(model, {**best[1], **start}), "MAP from the encoded source",
+                        seed + restarts)
+        if run[0] < best[0]:
+            best = run
     vals, losses = _run(model, init_to_value(values=best[1], fallback=init_to_sample), steps, lr,
                         lr_final_fraction, tol, window, progress, "MAP", seed + 1000, polish_steps)
     return summarise_map(model, vals, losses, restart_losses)
