@@ -656,11 +656,11 @@ class LensModel:
         if not self.priors.lens_light:
             return None
         with torch.no_grad():
-            lens, _, lights = pyro.poutine.condition(self._profiles, data=values)()
+            lens, source, lights = pyro.poutine.condition(self._profiles, data=values)()
             parts = self.simulator.component_images(None, None, lights)
             solved = {}
             if self.linear_sites:
-                mean = self.amplitude_posterior(values)[0]
+                mean = self._linear_solve(lens, source, lights)[1]
                 solved = dict(zip(self.linear_sites, mean.unbind(-1)))
             scale = torch.stack([torch.as_tensor(solved.get(f"light{i}_amp", 1.0),
                                                  dtype=parts.dtype, device=parts.device)

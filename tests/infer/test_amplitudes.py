@@ -8,8 +8,6 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from difflens.datasets.observation import Observation
-from difflens.fitting import fit_lens
 from difflens.infer import sample_posterior
 from difflens.infer.mcmc import amplitude_draws
 from difflens.instrument import marginal_log_likelihood
@@ -157,25 +155,6 @@ def test_linear_amplitude_rejects_a_bad_prior():
         LinearAmplitude(1.0, 0.0)
     with pytest.raises(ValueError, match="finite"):
         LinearAmplitude(float("nan"), 1.0)
-
-
-@pytest.mark.slow
-def test_marginalised_fit_recovers_light_mass_and_amplitude_posterior():
-    sim = Simulator(npix=64, pixel_scale=0.06, psf_sigma=0.08, dtype=torch.float64)
-    clean = sim.image(LENS, Sersic(**SRC), [Sersic(x0=LENS["x0"], y0=LENS["y0"], **LIGHT)])
-    g = torch.Generator().manual_seed(3)
-    sigma = 0.01
-    data = clean + sigma * torch.randn(clean.shape, generator=g, dtype=torch.float64)
-    obs = Observation(data.numpy(), sigma, 0.06, psf=sim.psf.numpy())
-    fit = fit_lens(obs, source="sersic", lens_light=1, steps=1500, restarts=3, seed=0,
-                   marginalise_amplitudes=True, progress=False)
-    got = fit.summary()["map"]
-    for k in ("r_ein", "q", "gamma"):
-        assert got[k] == pytest.approx(LENS[k], rel=0.02), k
-    for k in ("amp", "r_e", "n"):
-        assert got[f"light0_{k}"] == pytest.approx(LIGHT[k], rel=0.02), k
-    assert got["src_amp"] == pytest.approx(SRC["amp"], rel=0.05)
-    assert "src_amp" not in fit.map.sample_sites()
 
 
 def test_amplitude_draws_follow_their_conditional_gaussian_and_reach_the_posterior():

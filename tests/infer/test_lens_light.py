@@ -64,7 +64,10 @@ def test_lens_light_sites_and_masked_pixels():
 
 
 @pytest.mark.slow
-def test_joint_fit_recovers_lens_light_and_mass():
+@pytest.mark.parametrize("marginalise", [False, True], ids=["sampled", "amplitudes-integrated"])
+def test_joint_fit_recovers_lens_light_and_mass(marginalise):
+    """Within 2% for mass and light; with the amplitudes integrated out (Priors.
+    with_amplitudes_marginalised) the source amplitude, solved analytically, within 5%."""
     sim = Simulator(npix=64, pixel_scale=0.06, psf_sigma=0.08, dtype=torch.float64)
     clean = sim.image(LENS, Sersic(**SRC), [Sersic(x0=LENS["x0"], y0=LENS["y0"], **LIGHT)])
     g = torch.Generator().manual_seed(3)
@@ -72,13 +75,16 @@ def test_joint_fit_recovers_lens_light_and_mass():
     data = clean + sigma * torch.randn(clean.shape, generator=g, dtype=torch.float64)
     obs = Observation(data.numpy(), sigma, 0.06, psf=sim.psf.numpy())
     fit = fit_lens(obs, source="sersic", lens_light=1, steps=1500, restarts=3, seed=0,
-                   progress=False)
+                   marginalise_amplitudes=marginalise, progress=False)
     got = fit.summary()["map"]
     for k in ("r_ein", "q", "gamma"):
         assert got[k] == pytest.approx(LENS[k], rel=0.02), k
     for k in ("amp", "r_e", "n"):
         assert got[f"light0_{k}"] == pytest.approx(LIGHT[k], rel=0.02), k
     assert fit.map.reduced_chi2 < 1.1
+    if marginalise:
+        assert got["src_amp"] == pytest.approx(SRC["amp"], rel=0.05)
+        assert "src_amp" not in fit.map.sample_sites()
 
 
 def test_fixed_lens_light_is_not_sampled_and_images_unchanged():

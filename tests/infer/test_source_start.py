@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from difflens.infer import fit_map
-from difflens.infer.initialise import back_project, source_from_arcs, stamp_rms_radius
+from difflens.infer.initialise import back_project, source_from_arcs
 from difflens.model import LensModel, Priors, q_phi_to_ellipticity
 from difflens.simulate import Simulator
 from difflens.sources import PixelSource
@@ -66,11 +66,6 @@ def test_back_projection_conserves_surface_brightness(vae):
     flipped = stamp.flip(-1)
     assert not bool((flipped[seen.flip(-1)] <= hi[seen.flip(-1)] + 1e-9).all()
                     and (flipped[seen.flip(-1)] >= lo[seen.flip(-1)] - 1e-9).all())
-
-
-def test_stamp_rms_radius_of_a_uniform_stamp():
-    """A uniform stamp on [-1, 1]^2: <u^2 + v^2> = 2/3 in the continuum limit."""
-    assert stamp_rms_radius(torch.ones(256, 256)) == pytest.approx((2 / 3) ** 0.5, rel=1e-4)
 
 
 def test_encoded_source_explains_the_arcs_better_than_the_prior_mean(vae):

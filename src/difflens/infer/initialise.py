@@ -188,10 +188,14 @@ def arc_radius(model: LensModel, residual, centre, threshold=3.0, inner=None):
     pick = (signif > threshold) & _used(model) & (r > inner)
     if int(pick.sum()) < 5:
         return None
-    rs, ws = r[pick], signif[pick]
-    order = torch.argsort(rs)
-    cum = torch.cumsum(ws[order], 0)
-    return rs[order][int(torch.searchsorted(cum, 0.5 * cum[-1]))], residual[pick].median()
+    return _weighted_median(r[pick], signif[pick]), residual[pick].median()
+
+
+def _weighted_median(values, weights):
+    """The value below which half the (positive) weight lies."""
+    order = torch.argsort(values)
+    cum = torch.cumsum(weights[order], 0)
+    return values[order][int(torch.searchsorted(cum, 0.5 * cum[-1]))]
 
 
 def initialise(model: LensModel, threshold=3.0) -> dict:
@@ -224,25 +228,23 @@ def initialise(model: LensModel, threshold=3.0) -> dict:
     return values
 
 
-def stamp_rms_radius(stamp):
-    """Light-weighted rms radius of a stamp in units of its half-width (pixel centres at
-    u = -1 + (2j + 1) / W, the :func:`difflens.sources.image.sample_image` convention); negative
-    pixels count as zero.
+def stamp_half_light_radius(stamp):
+    """Radius enclosing half the light of a stamp, in units of its half-width (pixel centres at
+    u = -1 + (2j + 1) / W, the :func:`difflens.sources.image.sample_image` convention; negative
+    pixels count as zero).
 
     Examples
     --------
     >>> import torch
-    >>> stamp = torch.zeros(64, 64)
-    >>> stamp[31:33, 31:33] = 1.0                 # the four central pixels, at |u| = |v| = 1/64
-    >>> round(stamp_rms_radius(stamp) * 64, 6)
-    1.414214
+    >>> r = stamp_half_light_radius(torch.ones(256, 256))   # uniform: pi r^2 / 4 = 1/2
+    >>> round(r, 2), round((2 / 3.141592653589793) ** 0.5, 2)
+    (0.8, 0.8)
     """
     h, w = stamp.shape[-2:]
     v = -1 + (2 * torch.arange(h, dtype=stamp.dtype, device=stamp.device) + 1) / h
     u = -1 + (2 * torch.arange(w, dtype=stamp.dtype, device=stamp.device) + 1) / w
-    light = stamp.clamp(min=0)
-    r2 = v[:, None] ** 2 + u[None, :] ** 2
-    return float(torch.sqrt((light * r2).sum() / light.sum()))
+    r = torch.sqrt(v[:, None] ** 2 + u[None, :] ** 2)
+    return float(_weighted_median(r.reshape(-1), stamp.clamp(min=0).reshape(-1)))
 
 
 def back_project(model: LensModel, values: dict, centre, half_width, size=64, residual=None):
@@ -293,16 +295,17 @@ def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
                      widths=(0.7, 1.0, 1.4, 2.0, 2.8, 4.0)) -> dict:
     """Source placement and latent read off the data for the lens in ``values``.
 
-    The significant pixels (> ``threshold`` sigma above the lens light, unmasked) are mapped to
-    the source plane (eq. 1): their light-weighted centroid is the source centre
-    ``src_x0, src_y0`` (arcsec).  Their light-weighted rms radius, divided by the fraction of the
-    stamp that the latent prior's mean galaxy fills (:func:`stamp_rms_radius`), is a first
-    half-width; since the faint outskirts are not significant it is low, so each multiple in
-    ``widths`` of it is tried: the data are back-projected onto a stamp of that half-width
-    (:func:`back_project`), normalised to a peak of 1 as the VAE's training stamps are, and
-    encoded (encoder mean; the latent prior's mean when the model's VAE has no encoder), and the
-    half-width whose decoded source, lensed and with its amplitude solved by weighted least
-    squares, leaves the smallest chi^2 is kept.
+    The significant pixels (> ``threshold`` sigma above the lens light, unmasked) between half
+    and twice the Einstein radius from the lens centre -- the arcs, not neighbouring galaxies --
+    are mapped to the source plane (eq. 1).  Their light-weighted median position is the source
+    centre ``src_x0, src_y0`` (arcsec).  Their light-weighted median distance from it, divided by
+    the half-light radius of the latent prior's mean galaxy in its stamp
+    (:func:`stamp_half_light_radius`), is a first half-width; since the faint outskirts are not
+    significant it is low, so each multiple in ``widths`` of it is tried: the data are
+    back-projected onto a stamp of that half-width (:func:`back_project`), normalised to a peak
+    of 1 as the VAE's training stamps are, and encoded (encoder mean; the latent prior's mean
+    when the model's VAE has no encoder), and the half-width whose decoded source, lensed and
+    with its amplitude solved by weighted least squares, leaves the smallest chi^2 is kept.
 
     Returns
     -------
@@ -321,16 +324,19 @@ def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
         lens = pyro.poutine.condition(model._profiles, data=values)()[0]
         light = model.lens_light_image(values)
         residual = data - light if light is not None else data
-        pick = (residual / sigma > threshold) & _used(model)
+        x, y = _grid(model)
+        radius = torch.sqrt((x - lens["x0"]) ** 2 + (y - lens["y0"]) ** 2)
+        theta_e = lens["r_ein"] * torch.sqrt(lens["q"])
+        pick = ((residual / sigma > threshold) & _used(model)
+                & (radius > 0.5 * theta_e) & (radius < 2.0 * theta_e))
         if int(pick.sum()) < 5:
             return {}
-        x, y = _grid(model)
         bx, by = ray_trace(x[pick], y[pick], lens, method=sim.deflection_method, table=sim.table)
         w = residual[pick]
-        cx, cy = (w * bx).sum() / w.sum(), (w * by).sum() / w.sum()
-        rms = torch.sqrt((w * ((bx - cx) ** 2 + (by - cy) ** 2)).sum() / w.sum())
+        cx, cy = _weighted_median(bx, w), _weighted_median(by, w)
+        spread = _weighted_median(torch.sqrt((bx - cx) ** 2 + (by - cy) ** 2), w)
         mean_galaxy = vae.decode(model.z_prior.mean[None])[0]
-        first = float(rms) / stamp_rms_radius(mean_galaxy)
+        first = float(spread) / stamp_half_light_radius(mean_galaxy)
         weight = _used(model) / sigma ** 2
         best = None
         for half_width in (first * f for f in widths):
