@@ -59,6 +59,11 @@ def main(argv=None):
     ap.add_argument("--lens-light", type=int, default=2, help="Sersic lens-light components")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--restarts", type=int, default=6)
+    ap.add_argument("--finals", type=int, default=1,
+                    help="MAP: continue the best N short runs to convergence, keep the best")
+    ap.add_argument("--no-source-start", action="store_true",
+                    help="MAP: no extra run from the source read off the arcs (VAE encoder); "
+                         "reproduces runs made before 2026-11-23 (session 16)")
     ap.add_argument("--samples", type=int, default=150, help="HMC draws per chain (0: MAP only)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--chains", type=int, default=2)
@@ -99,7 +104,8 @@ def main(argv=None):
             priors = priors.with_amplitudes_marginalised()
         # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP)
         fit = fit_lens(obs, source=args.source, priors=priors, steps=args.steps,
-                       restarts=args.restarts, samples=0, seed=args.seed,
+                       restarts=args.restarts, finals=args.finals,
+                       encode_source=not args.no_source_start, samples=0, seed=args.seed,
                        init=Path(args.init_from) / name if args.init_from else None)
         out = fit.save(Path(args.out) / name, coolest=True)
         print(fit.table(), flush=True)

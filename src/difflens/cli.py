@@ -94,7 +94,8 @@ def _cmd_fit(args):
         obs = obs.cutout(args.cutout)
     fit = fit_lens(obs, source=args.source, priors=args.priors, psf_sigma=args.psf_sigma,
                    lens_light=len(args.lens_light or ()), supersample=args.supersample,
-                   steps=args.steps, restarts=args.restarts, samples=args.samples,
+                   steps=args.steps, restarts=args.restarts, finals=args.finals,
+                   encode_source=not args.no_source_start, samples=args.samples,
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler,
                    sample_lens_light=not args.hold_lens_light, hold=args.hold or (),
                    seed=args.seed, init=args.init_from, checkpoint=args.checkpoint,
@@ -177,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priors", choices=("default", "paper"), default="default")
     p.add_argument("--steps", type=int, default=2000, help="MAP Adam steps")
     p.add_argument("--restarts", type=int, default=4, help="MAP restarts from prior draws")
+    p.add_argument("--finals", type=int, default=1,
+                   help="MAP: the best N short runs are each continued to convergence; the "
+                        "highest log posterior is kept")
+    p.add_argument("--no-source-start", action="store_true",
+                   help="MAP: skip the extra run from the source read off the arcs and encoded "
+                        "by the VAE encoder")
     p.add_argument("--samples", type=int, default=500,
                    help="posterior draws per chain (0: MAP only)")
     p.add_argument("--warmup", type=int, default=300, help="adaptation iterations per chain")

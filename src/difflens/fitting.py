@@ -277,7 +277,8 @@ def start_from_summary(model: LensModel, summary) -> dict:
 
 
 def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
-             flux_scale="auto", supersample=1, steps=2000, restarts=4, samples=0, warmup=200,
+             flux_scale="auto", supersample=1, steps=2000, restarts=4, finals=1,
+             encode_source=True, samples=0, warmup=200,
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
              marginalise_amplitudes=False, dtype=torch.float64, progress=True, init=None,
              checkpoint=None) -> LensFit:
@@ -291,7 +292,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     psf_sigma : float, optional
         Gaussian PSF sigma in arcsec if ``obs`` has no kernel.
     lens_light, flux_scale, supersample, marginalise_amplitudes : see :func:`build_model`
-    steps, restarts : MAP settings (see :func:`difflens.infer.fit_map`)
+    steps, restarts, finals, encode_source : MAP settings (see :func:`difflens.infer.fit_map`)
     samples, warmup, chains : sampler settings (draws and warm-up per chain)
     sampler : "hmc" (all chains in one batched likelihood) or "nuts" (Pyro, chain after chain);
         see :func:`difflens.infer.sample_posterior`
@@ -328,8 +329,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     model.check_site_names(hold, "hold")           # before the MAP, not after it
     if init is not None and not isinstance(init, dict):
         init = start_from_summary(model, init)
-    result = fit_map(model, steps=steps, restarts=restarts, seed=seed, progress=progress,
-                     init=init)
+    result = fit_map(model, steps=steps, restarts=restarts, finals=finals,
+                     encode_source=encode_source, seed=seed, progress=progress, init=init)
     fit = LensFit(obs, model, result)
     if samples > 0:
         fit = fit.sample(samples, warmup=warmup, chains=chains, sampler=sampler,

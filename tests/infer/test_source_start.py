@@ -91,10 +91,15 @@ def test_encoded_source_explains_the_arcs_better_than_the_prior_mean(vae):
     assert encoded - 1 < 0.5 * (mean_galaxy - 1)
 
 
-def test_fit_map_adds_the_encoded_start(vae):
+def test_fit_map_adds_the_encoded_start_and_keeps_the_best_final(vae):
     z = _truth_source(vae)
     model, _ = _model(vae, z, 0.05, 0.05)
-    kw = dict(steps=3, restarts=2, restart_steps=3, polish_steps=0, progress=False)
+    kw = dict(steps=5, restarts=2, restart_steps=3, polish_steps=0, progress=False)
     pyro.clear_param_store()
-    assert len(fit_map(model, **kw).restart_losses) == 3
+    one = fit_map(model, **kw)
+    assert len(one.restart_losses) == 3
     assert len(fit_map(model, encode_source=False, **kw).restart_losses) == 2
+    # the first of two finals is the single final run: two can only end higher
+    assert fit_map(model, finals=2, **kw).log_posterior >= one.log_posterior
+    with pytest.raises(ValueError, match="finals"):
+        fit_map(model, finals=0, **kw)
