@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 import pyro
+import torch
 
 from ..instrument import convolve, pixel_grid
 from ..model import LensModel, ellipticity_to_q_phi, q_phi_to_ellipticity
@@ -265,7 +264,7 @@ def back_project(model: LensModel, values: dict, centre, half_width, size=64, re
 
     Examples
     --------
-    >>> stamp, hits = back_project(model, fit.values, (0.0, 0.0), 1.0)     # doctest: +SKIP
+    >>> stamp, hits = back_project(model, result.sample_sites(), (0.0, 0.0), 1.0)     # doctest: +SKIP
     """
     data, sigma, sim = model.data, model.noise_sigma, model.simulator
     with torch.no_grad():
@@ -315,7 +314,7 @@ def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
 
     Examples
     --------
-    >>> start = source_from_arcs(model, fit.values)          # doctest: +SKIP
+    >>> start = source_from_arcs(model, result.sample_sites())          # doctest: +SKIP
     """
     if model.source_kind != "vae":
         return {}
