@@ -657,11 +657,14 @@ class LensModel:
             return None
         with torch.no_grad():
             lens, source, lights = pyro.poutine.condition(self._profiles, data=values)()
-            parts = self.simulator.component_images(None, None, lights)
             solved = {}
             if self.linear_sites:
-                mean = self._linear_solve(lens, source, lights)[1]
+                parts = self.simulator.component_images(lens, source, lights)
+                mean = self._linear_solve(parts)[1]
                 solved = dict(zip(self.linear_sites, mean.unbind(-1)))
+                parts = parts[..., 1:, :, :]            # the source comes first
+            else:
+                parts = self.simulator.component_images(None, None, lights)
             scale = torch.stack([torch.as_tensor(solved.get(f"light{i}_amp", 1.0),
                                                  dtype=parts.dtype, device=parts.device)
                                  for i in range(len(lights))])
@@ -675,8 +678,9 @@ class LensModel:
             raise ValueError("this model integrates out no amplitudes "
                              "(Priors.with_amplitudes_marginalised)")
         with torch.no_grad():
-            parts = pyro.poutine.condition(self._profiles, data=values)()
-            _, mean, cov, _ = self._linear_solve(*parts)
+            lens, source, lights = pyro.poutine.condition(self._profiles, data=values)()
+            parts = self.simulator.component_images(lens, source, lights)
+            _, mean, cov, _ = self._linear_solve(parts)
         return mean, cov
 
     def _profiles(self):
@@ -688,10 +692,10 @@ class LensModel:
             pyro.deterministic(k, lens[k])
         return lens, self.sample_source(), self.sample_lens_light(lens)
 
-    def _linear_solve(self, lens, source, lights):
-        """Split the image into the part with fixed or sampled amplitudes and the unit templates
-        of the amplitudes integrated out; return (log evidence, mean, cov, image at the mean)."""
-        parts = self.simulator.component_images(lens, source, lights)
+    def _linear_solve(self, parts):
+        """Split the component images ``parts`` (:meth:`Simulator.component_images`) into the
+        part with fixed or sampled amplitudes and the unit templates of the amplitudes integrated
+        out; return (log evidence, mean, cov, image at the mean)."""
         amps = self._amplitude_priors()
         linear = [k for k, (_, p) in enumerate(amps) if isinstance(p, LinearAmplitude)]
         rest = [k for k in range(parts.shape[-3]) if k not in linear]
@@ -723,7 +727,8 @@ class LensModel:
         return self._marginal(lens, source, lights)[1]
 
     def _marginal(self, lens, source, lights):
-        log_evidence, mean, _, image = self._linear_solve(lens, source, lights)
+        log_evidence, mean, _, image = self._linear_solve(
+            self.simulator.component_images(lens, source, lights))
         for k, name in enumerate(self.linear_sites):
             pyro.deterministic(name, mean[..., k])
         return log_evidence, image

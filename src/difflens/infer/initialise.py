@@ -266,28 +266,44 @@ def back_project(model: LensModel, values: dict, centre, half_width, size=64, re
     --------
     >>> stamp, hits = back_project(model, result.sample_sites(), (0.0, 0.0), 1.0)     # doctest: +SKIP
     """
-    data, sigma, sim = model.data, model.noise_sigma, model.simulator
     with torch.no_grad():
         lens = pyro.poutine.condition(model._profiles, data=values)()[0]
         if residual is None:
             light = model.lens_light_image(values)
-            residual = data - light if light is not None else data
+            residual = model.data - light if light is not None else model.data
         x, y = _grid(model)
+        sim = model.simulator
         bx, by = ray_trace(x, y, lens, method=sim.deflection_method, table=sim.table)
-        step = 2.0 * float(half_width) / size
-        j = torch.floor((bx - (float(centre[0]) - float(half_width))) / step).long()
-        i = torch.floor((by - (float(centre[1]) - float(half_width))) / step).long()
-        keep = _used(model) & (i >= 0) & (i < size) & (j >= 0) & (j < size)
-        w = (1.0 / sigma ** 2).expand_as(data)[keep]
-        index = (i * size + j)[keep]
-        flux = torch.zeros(size * size, dtype=data.dtype, device=data.device)
-        weight = torch.zeros_like(flux)
-        hits = torch.zeros_like(flux)
-        flux.index_add_(0, index, w * residual[keep])
-        weight.index_add_(0, index, w)
-        hits.index_add_(0, index, torch.ones_like(w))
-        stamp = torch.where(weight > 0, flux / weight.clamp(min=1e-300), torch.zeros_like(flux))
+        return _binned(model, bx, by, residual, centre, half_width, size)
+
+
+def _binned(model: LensModel, bx, by, residual, centre, half_width, size):
+    """:func:`back_project` for source-plane positions ``bx, by`` (ny, nx) already traced."""
+    data = model.data
+    step = 2.0 * float(half_width) / size
+    j = torch.floor((bx - (float(centre[0]) - float(half_width))) / step).long()
+    i = torch.floor((by - (float(centre[1]) - float(half_width))) / step).long()
+    keep = _used(model) & (i >= 0) & (i < size) & (j >= 0) & (j < size)
+    w = (1.0 / model.noise_sigma ** 2).expand_as(data)[keep]
+    index = (i * size + j)[keep]
+    flux = torch.zeros(size * size, dtype=data.dtype, device=data.device)
+    weight = torch.zeros_like(flux)
+    hits = torch.zeros_like(flux)
+    flux.index_add_(0, index, w * residual[keep])
+    weight.index_add_(0, index, w)
+    hits.index_add_(0, index, torch.ones_like(w))
+    stamp = torch.where(weight > 0, flux / weight.clamp(min=1e-300), torch.zeros_like(flux))
     return stamp.reshape(size, size), hits.reshape(size, size)
+
+
+def best_amplitude(model: LensModel, unit, target):
+    """The amplitude ``a`` minimising chi^2 of ``target - a * unit`` over the unmasked pixels:
+    ``a = sum w t u / sum w u^2`` with ``w = 1 / sigma^2`` (exact: the image is linear in a
+    profile's amplitude)."""
+    w = 1.0 / model.noise_sigma ** 2
+    if model.mask is not None:
+        w = w * model.mask
+    return (w * target * unit).sum() / (w * unit * unit).sum()
 
 
 def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
@@ -324,23 +340,22 @@ def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
         light = model.lens_light_image(values)
         residual = data - light if light is not None else data
         x, y = _grid(model)
+        beta_x, beta_y = ray_trace(x, y, lens, method=sim.deflection_method, table=sim.table)
         radius = torch.sqrt((x - lens["x0"]) ** 2 + (y - lens["y0"]) ** 2)
         theta_e = lens["r_ein"] * torch.sqrt(lens["q"])
         pick = ((residual / sigma > threshold) & _used(model)
                 & (radius > 0.5 * theta_e) & (radius < 2.0 * theta_e))
         if int(pick.sum()) < 5:
             return {}
-        bx, by = ray_trace(x[pick], y[pick], lens, method=sim.deflection_method, table=sim.table)
-        w = residual[pick]
+        bx, by, w = beta_x[pick], beta_y[pick], residual[pick]
         cx, cy = _weighted_median(bx, w), _weighted_median(by, w)
         spread = _weighted_median(torch.sqrt((bx - cx) ** 2 + (by - cy) ** 2), w)
         mean_galaxy = vae.decode(model.z_prior.mean[None])[0]
         first = float(spread) / stamp_half_light_radius(mean_galaxy)
-        weight = _used(model) / sigma ** 2
         best = None
         for half_width in (first * f for f in widths):
-            stamp, _ = back_project(model, values, (cx, cy), half_width, mean_galaxy.shape[-1],
-                                    residual=residual)
+            stamp, _ = _binned(model, beta_x, beta_y, residual, (cx, cy), half_width,
+                               mean_galaxy.shape[-1])
             peak = stamp.max()
             if float(peak) <= 0:
                 continue
@@ -349,8 +364,8 @@ def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
                 z = vae.encode((stamp / peak).to(mean_galaxy.dtype)[None])[0][0].to(z.dtype)
             unit = sim.image(lens, PixelSource(vae.decode(z), x0=cx, y0=cy, s=half_width,
                                                amp=1.0))
-            amp = (weight * residual * unit).sum() / (weight * unit * unit).sum()
-            chi2 = float((weight * (residual - amp * unit) ** 2).sum())
+            amp = best_amplitude(model, unit, residual)
+            chi2 = float((((residual - amp * unit) / sigma) ** 2)[_used(model)].sum())
             if float(amp) > 0 and (best is None or chi2 < best[0]):
                 best = (chi2, dict(src_x0=cx, src_y0=cy, z=z, src_amp=amp,
                                    src_s=torch.as_tensor(half_width, dtype=data.dtype)))

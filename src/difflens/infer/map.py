@@ -30,7 +30,7 @@ from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 
 from ..model import LensModel
 from ..simulate import LENS_PARAMS
-from .initialise import initialise, source_from_arcs
+from .initialise import best_amplitude, initialise, source_from_arcs
 
 
 @dataclass
@@ -231,10 +231,7 @@ def _complete(model: LensModel, values: dict) -> dict:
 
         unit = image(2 * one) - image(one)
         rest = image(one) - unit
-        w = 1.0 / model.noise_sigma ** 2
-        if model.mask is not None:
-            w = w * model.mask
-        amp = (w * (model.data - rest) * unit).sum() / (w * unit * unit).sum()
+        amp = best_amplitude(model, unit, model.data - rest)
         lo, hi = _support_bounds(model.all_priors()["src_amp"])
         if torch.isfinite(amp) and max(lo, 0.0) < float(amp) < hi:
             full["src_amp"] = amp.to(one.dtype)
