@@ -3,6 +3,8 @@
 Every file difflens writes (fits, tables, weights, checkpoints, result folders) goes through one of
 these two context managers: the content is written to a temporary name first and moved into place
 (an atomic rename on one file system) only when the block finishes without an error.
+Checkpoints are saved with every tensor on the CPU (:func:`tensors_to`), so a run started on a GPU
+resumes anywhere.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 @contextmanager
@@ -60,3 +64,15 @@ def atomic_directory(out_dir):
             f.replace(out_dir / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tensors_to(obj, device):
+    """``obj`` (nested dicts, lists, tuples of tensors and numbers) with every tensor detached and
+    on ``device``: to the CPU for saving a checkpoint, back to the chains' device on loading."""
+    if torch.is_tensor(obj):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: tensors_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tensors_to(v, device) for v in obj)
+    return obj

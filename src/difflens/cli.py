@@ -50,7 +50,7 @@ def _cmd_train_vae(args):
           f"held-out real test galaxies {len(data['test'])}")
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
                       patience=args.patience, max_minutes=args.max_minutes, seed=args.seed,
-                      prior_scale=args.prior_scale)
+                      prior_scale=args.prior_scale, device=args.device)
     vae = train_vae(data["train"], data["val"], args.workdir, VAEConfig(width=args.width), cfg,
                     card=data["card"])
     if len(data["test"]):
@@ -99,7 +99,7 @@ def _cmd_fit(args):
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler,
                    sample_lens_light=not args.hold_lens_light, hold=args.hold or (),
                    seed=args.seed, init=args.init_from, checkpoint=args.checkpoint,
-                   marginalise_amplitudes=args.marginalise_amplitudes)
+                   marginalise_amplitudes=args.marginalise_amplitudes, device=args.device)
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
@@ -126,7 +126,8 @@ def _cmd_demo(args):
           f"-> {out / 'mock.fits'}")
     fit = fit_lens(obs, source="vae", steps=args.steps, restarts=args.restarts,
                    samples=args.samples, warmup=args.warmup, chains=args.chains,
-                   sampler=args.sampler, max_tree_depth=args.max_tree_depth, seed=args.seed)
+                   sampler=args.sampler, max_tree_depth=args.max_tree_depth, seed=args.seed,
+                   device=args.device)
     fit.save(out)
     print(fit.table())
     print(f"\nwrote {out}/summary.json, fit.png, posterior.nc, corner.png "
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="file for the HMC state (--sampler hmc): rerunning the same command "
                         "resumes an interrupted run from it, with the same draws")
+    p.add_argument("--device", default="cpu",
+                   help="where the fit runs: cpu, cuda, cuda:1 (the whole fit on one GPU)")
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("demo", help="simulate a mock with the VAE source, fit, sample, plot")
@@ -217,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--sampler", choices=("hmc", "nuts"), default="hmc")
     p.add_argument("--max-tree-depth", type=int, default=5, help="NUTS only")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train-vae", help="train the VAE source prior (Pyro SVI)")
@@ -238,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-snr-cut", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the networks train")
     p.set_defaults(func=_cmd_train_vae)
     return parser
 

@@ -153,8 +153,8 @@ def _pemd(values):
 
 def _sersic(values):
     """COOLEST Sersic parameters from difflens Sersic sites ``amp, r_e, n, e1, e2, x0, y0``."""
-    q, phi = ellipticity_to_q_phi(torch.as_tensor(values["e1"], dtype=torch.float64),
-                                  torch.as_tensor(values["e2"], dtype=torch.float64))
+    q, phi = ellipticity_to_q_phi(*(torch.as_tensor(values[k], dtype=torch.float64, device="cpu")
+                                    for k in ("e1", "e2")))
     q, phi = q.numpy(), phi.numpy()
     return dict(I_eff=values["amp"], theta_eff=np.sqrt(q) * values["r_e"], n=values["n"], q=q,
                 phi=coolest_angle(phi), center_x=values["x0"], center_y=values["y0"])

@@ -54,7 +54,7 @@ def data_flux_scale(obs: Observation) -> float:
 
 def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=None,
                 lens_light=0, flux_scale="auto", supersample=1, marginalise_amplitudes=False,
-                dtype=torch.float64) -> LensModel:
+                dtype=torch.float64, device="cpu") -> LensModel:
     """The :class:`LensModel` of an observation (grid and PSF taken from it).
 
     Parameters
@@ -76,6 +76,12 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         them (:meth:`Priors.with_amplitudes_marginalised`): fewer, better-behaved directions
         for the sampler; their values are reported at the conditional mean (MAP) and drawn
         per posterior draw.
+    dtype : torch.dtype
+        Of every model tensor (float64 default; float32 halves memory and time, see
+        docs/benchmarks.md for its accuracy).
+    device : str or torch.device
+        Where the model lives and every fit on it runs ("cpu", "cuda", "cuda:1"): the image,
+        noise, grid, PSF, VAE and the fit's parameters are all made there.
 
     Examples
     --------
@@ -106,10 +112,26 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         raise ValueError("the observation has no PSF: give psf_sigma (arcsec) or a PSF kernel")
     if not (isinstance(supersample, int) and supersample >= 1):
         raise ValueError(f"supersample must be an integer >= 1, got {supersample!r}")
+    device = _checked_device(device)
     sim = Simulator(npix=obs.shape, pixel_scale=obs.pixel_scale,
-                    psf=torch.as_tensor(obs.psf) if obs.psf is not None else None,
-                    psf_sigma=psf_sigma, supersample=supersample, dtype=dtype)
+                    psf=torch.as_tensor(obs.psf, device=device) if obs.psf is not None else None,
+                    psf_sigma=psf_sigma, supersample=supersample, dtype=dtype, device=device)
     return LensModel(obs.image, obs.noise_sigma, sim, source=src, priors=pri, mask=obs.mask)
+
+
+def _checked_device(device) -> torch.device:
+    """``device`` as a torch.device, with a clear error where it cannot be used here."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this torch ({torch.__version__}) "
+                         "sees no CUDA GPU; use device='cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} asked for, but only "
+                         f"{torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
 
 
 @dataclass
@@ -145,8 +167,11 @@ class LensFit:
         out["reduced_chi2"] = m.reduced_chi2
         out["log_posterior"] = m.log_posterior
         out["n_pixels"] = self.model.n_pixels
+        out["device"] = str(self.model.device)
+        out["seconds"] = {"map": round(m.seconds, 2) if np.isfinite(m.seconds) else None}
         if self.posterior is not None:
             out["posterior"] = self.posterior.summary()
+            out["seconds"].update({k: round(v, 2) for k, v in self.posterior.seconds.items()})
         if self.observation.truth:
             out["truth"] = {k: v for k, v in self.observation.truth.items() if np.ndim(v) == 0}
         return out
@@ -228,7 +253,7 @@ class LensFit:
     def _true_source(self):
         t = self.observation.truth or {}
         if "z" in t and self.model.source_kind == "vae":
-            z = torch.as_tensor(t["z"], dtype=self.model.simulator.x.dtype)
+            z = self.model.tensor(t["z"])
             with torch.no_grad():
                 return (float(t.get("src_amp", 1.0)) * self.model.vae.decode(z)).cpu().numpy()
         return None
@@ -266,22 +291,21 @@ def start_from_summary(model: LensModel, summary) -> dict:
     if "map" not in summary:
         raise ValueError("the summary has no 'map' entry (write it with LensFit.save)")
     values = dict(summary["map"])
-    dtype = model.simulator.x.dtype
     if "q" in values and "phi" in values:
-        values["e1"], values["e2"] = q_phi_to_ellipticity(torch.tensor(values["q"], dtype=dtype),
-                                                          torch.tensor(values["phi"], dtype=dtype))
+        values["e1"], values["e2"] = q_phi_to_ellipticity(model.tensor(values["q"]),
+                                                          model.tensor(values["phi"]))
         if "r_ein" in values:
             values["theta_E"] = values["q"] ** 0.5 * values["r_ein"]
     sites = model.site_names()
-    return {k: torch.as_tensor(v, dtype=dtype) for k, v in values.items() if k in sites}
+    return {k: model.tensor(v) for k, v in values.items() if k in sites}
 
 
 def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
              flux_scale="auto", supersample=1, steps=2000, restarts=4, finals=1,
              encode_source=True, samples=0, warmup=200,
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
-             marginalise_amplitudes=False, dtype=torch.float64, progress=True, init=None,
-             checkpoint=None) -> LensFit:
+             marginalise_amplitudes=False, dtype=torch.float64, device="cpu", progress=True,
+             init=None, checkpoint=None) -> LensFit:
     """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
     Parameters
@@ -291,7 +315,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     priors : "default" or "paper" (or a Priors)
     psf_sigma : float, optional
         Gaussian PSF sigma in arcsec if ``obs`` has no kernel.
-    lens_light, flux_scale, supersample, marginalise_amplitudes : see :func:`build_model`
+    lens_light, flux_scale, supersample, marginalise_amplitudes, dtype, device :
+        See :func:`build_model`; ``device="cuda"`` runs the whole fit on a GPU.
     steps, restarts, finals, encode_source : MAP settings (see :func:`difflens.infer.fit_map`)
     samples, warmup, chains : sampler settings (draws and warm-up per chain)
     sampler : "hmc" (all chains in one batched likelihood) or "nuts" (Pyro, chain after chain);
@@ -325,7 +350,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         raise ValueError("checkpoints are kept by sampler='hmc' only, not by Pyro's NUTS")
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
-                        marginalise_amplitudes=marginalise_amplitudes, dtype=dtype)
+                        marginalise_amplitudes=marginalise_amplitudes, dtype=dtype,
+                        device=device)
     model.check_site_names(hold, "hold")           # before the MAP, not after it
     if init is not None and not isinstance(init, dict):
         init = start_from_summary(model, init)
@@ -342,7 +368,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
                flux_scale="auto", supersample=1, steps=1000, restarts=4, chunk=64, samples=0,
                warmup=300, chains=4, seed=0, marginalise_amplitudes=False, dtype=torch.float64,
-               progress=True) -> list:
+               device="cpu", progress=True) -> list:
     """MAP fits (and posteriors) of many observations at once, vectorised over lenses.
 
     The MAP is :func:`difflens.infer.fit_map_batch`; with ``samples > 0`` the posteriors follow
@@ -355,8 +381,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     Parameters
     ----------
     observations : list of Observation
-    source, priors, psf_sigma, lens_light, supersample, marginalise_amplitudes, dtype :
-        As in :func:`build_model`.
+    source, priors, psf_sigma, lens_light, supersample, marginalise_amplitudes, dtype, device :
+        As in :func:`build_model` (``device="cuda"``: every lens and chain on one GPU).
     flux_scale : float or "auto"
         Centre of the amplitude priors, shared by all lenses; "auto" takes the median of
         :func:`data_flux_scale` over the observations.
@@ -400,7 +426,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
         flux_scale = float(np.median([data_flux_scale(o) for o in observations]))
     model = build_model(first, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
-                        marginalise_amplitudes=marginalise_amplitudes, dtype=dtype)
+                        marginalise_amplitudes=marginalise_amplitudes, dtype=dtype,
+                        device=device)
     models = [model] + [model.with_data(o.image, o.noise_sigma, o.mask)
                         for o in observations[1:]]
     results = fit_map_batch(models, steps=steps, restarts=restarts, chunk=chunk, seed=seed,

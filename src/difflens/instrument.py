@@ -103,10 +103,16 @@ def gaussian_psf(sigma, pixel_scale, size=None, *, dtype=None, device=None):
     if size % 2 != 1 or size < 1:
         raise ValueError(f"PSF size must be a positive odd number of pixels, got {size}")
     dtype = dtype or torch.get_default_dtype()
-    edges = (torch.arange(size + 1, dtype=torch.float64) - size / 2.0) / (s * math.sqrt(2.0))
+    edges = ((torch.arange(size + 1, dtype=torch.float64, device=device) - size / 2.0)
+             / (s * math.sqrt(2.0)))
     mass = torch.diff(torch.special.erf(edges)) / 2.0
     kernel = torch.outer(mass, mass)
     return (kernel / kernel.sum()).to(dtype=dtype, device=device)
+
+
+def _as_tensor(value) -> torch.Tensor:
+    """A tensor as it is (its device kept); anything else (numpy, lists) on the host."""
+    return value if torch.is_tensor(value) else torch.as_tensor(value, device="cpu")
 
 
 def pixel_psf(kernel, *, normalise=True, centre_tolerance=0.5):
@@ -131,7 +137,7 @@ def pixel_psf(kernel, *, normalise=True, centre_tolerance=0.5):
     >>> float(k.sum()), float(k[1, 1])
     (1.0, 0.5)
     """
-    k = torch.as_tensor(kernel)
+    k = _as_tensor(kernel)
     if not k.is_floating_point():
         k = k.to(torch.get_default_dtype())
     if k.ndim != 2 or k.shape[0] % 2 != 1 or k.shape[1] % 2 != 1:
@@ -141,9 +147,8 @@ def pixel_psf(kernel, *, normalise=True, centre_tolerance=0.5):
     total = k.sum()
     if not total > 0:
         raise ValueError(f"PSF kernel must have a positive sum, got {float(total)}")
-    iy, ix = torch.meshgrid(torch.arange(k.shape[0], dtype=k.dtype) - k.shape[0] // 2,
-                            torch.arange(k.shape[1], dtype=k.dtype) - k.shape[1] // 2,
-                            indexing="ij")
+    iy, ix = torch.meshgrid(*(torch.arange(n, dtype=k.dtype, device=k.device) - n // 2
+                              for n in k.shape), indexing="ij")
     cy, cx = float((iy * k).sum() / total), float((ix * k).sum() / total)
     if math.hypot(cx, cy) > centre_tolerance:
         raise ValueError(f"PSF kernel is not centred: centroid offset ({cx:.2f}, {cy:.2f}) px")
@@ -230,7 +235,7 @@ def separable_factors(kernel, rtol=1e-7):
     >>> bool(torch.allclose(torch.outer(col, row), gaussian_psf(0.05, 0.04, size=7)))
     True
     """
-    k = torch.as_tensor(kernel).to(torch.float64)
+    k = _as_tensor(kernel).to(torch.float64)
     u, sv, vh = torch.linalg.svd(k)
     if sv.numel() > 1 and sv[1] > rtol * sv[0]:
         return None
@@ -320,10 +325,10 @@ def noise_map_from_exposure(image, background_rms, exposure_time):
     >>> round(float(noise_map_from_exposure(torch.tensor([[4.0]]), 3.0, 1.0)[0, 0]), 4)
     3.6056
     """
-    img = torch.as_tensor(image)
+    img = _as_tensor(image)
     if not img.is_floating_point():
         img = img.to(torch.get_default_dtype())
-    t = torch.as_tensor(exposure_time, dtype=img.dtype)
+    t = torch.as_tensor(exposure_time, dtype=img.dtype, device=img.device)
     if not (math.isfinite(float(background_rms)) and float(background_rms) > 0):
         raise ValueError(f"background_rms must be positive and finite, got {background_rms!r}")
     if not torch.isfinite(t).all() or (t <= 0).any():

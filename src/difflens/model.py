@@ -61,11 +61,13 @@ class TruncatedNormal(TorchDistribution):
 
     def __init__(self, loc, scale, low, high, validate_args=None):
         # scalars kept in float64 so the normalising constant is exact in any model dtype
-        self.loc, self.scale, self.low, self.high = (torch.as_tensor(v, dtype=torch.float64)
+        self.loc, self.scale, self.low, self.high = (torch.as_tensor(v, dtype=torch.float64,
+                                                                     device="cpu")
                                                      for v in (loc, scale, low, high))
         if not (self.low < self.high):
             raise ValueError(f"TruncatedNormal needs low < high, got [{low}, {high}]")
-        self._base = torch.distributions.Normal(self.loc, self.scale)
+        # the support is checked by this distribution (validate_args), not again by its base
+        self._base = torch.distributions.Normal(self.loc, self.scale, validate_args=False)
         self._cdf_low = self._base.cdf(self.low)
         self._cdf_high = self._base.cdf(self.high)
         super().__init__(torch.Size(), torch.Size(), validate_args=validate_args)
@@ -75,7 +77,7 @@ class TruncatedNormal(TorchDistribution):
         return constraints.interval(self.low, self.high)
 
     def rsample(self, sample_shape=torch.Size()):
-        u = torch.rand(sample_shape, dtype=self.loc.dtype)
+        u = torch.rand(sample_shape, dtype=self.loc.dtype, device=self.loc.device)
         p = self._cdf_low + u * (self._cdf_high - self._cdf_low)
         return self._base.icdf(p.clamp(1e-12, 1 - 1e-12)).clamp(self.low, self.high)
 
@@ -185,7 +187,9 @@ def q_phi_to_ellipticity(q, phi, q_min=Q_MIN):
 
 
 def _f64(*values):
-    return [torch.tensor(float(v), dtype=torch.float64) for v in values]
+    """Prior constants: 0-d float64 tensors on the host.  Zero-dimensional CPU tensors combine
+    with tensors on any device, so one Priors object serves models on CPU and GPU alike."""
+    return [torch.tensor(float(v), dtype=torch.float64, device="cpu") for v in values]
 
 
 def _normal(loc, scale):
@@ -193,8 +197,29 @@ def _normal(loc, scale):
     return dist.Normal(*_f64(loc, scale))
 
 
+class Uniform(dist.Uniform):
+    """Uniform(low, high) whose log density stays on the device of the value.
+
+    torch's ``Uniform.log_prob`` casts with ``type_as(low)``, which also moves the result to
+    ``low``'s device: a batch of GPU values would get a CPU log density.
+
+    Examples
+    --------
+    >>> import torch
+    >>> d = Uniform(*_f64(0.0, 2.0), validate_args=False)
+    >>> d.log_prob(torch.tensor([1.0, 3.0]))          # log(1/2) inside, -inf outside
+    tensor([-0.6931,    -inf])
+    """
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        inside = (self.low <= value) & (self.high > value)
+        return torch.log(inside.to(value.dtype)) - torch.log(self.high - self.low)
+
+
 def _uniform(low, high):
-    return dist.Uniform(*_f64(low, high))
+    return Uniform(*_f64(low, high))
 
 
 def _lognormal(log_median, sigma):
@@ -541,9 +566,9 @@ class LensModel:
         """
         self.check_site_names(values, "with_fixed")
         for k, v in values.items():
-            if torch.as_tensor(v).numel() != 1:
-                raise ValueError(f"only scalar sites can be fixed; {k!r} has "
-                                 f"{torch.as_tensor(v).numel()} values")
+            size = v.numel() if torch.is_tensor(v) else torch.as_tensor(v, device="cpu").numel()
+            if size != 1:
+                raise ValueError(f"only scalar sites can be fixed; {k!r} has {size} values")
         fix = {k: float(v) for k, v in values.items()}
         lens = {k: fix.get(k, d) for k, d in self.priors.lens.items()}
         source = {k: fix.get("src_" + k, d) for k, d in self.priors.source.items()}
@@ -560,6 +585,19 @@ class LensModel:
             raise ValueError(f"data must be one image (ny, nx), got shape {tuple(data.shape)}; "
                              "use LensModel.stack for several")
         return self.simulator.check_observation(data, sigma, mask)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors live (that of its simulator's grid)."""
+        return self.simulator.x.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.simulator.x.dtype
+
+    def tensor(self, value) -> torch.Tensor:
+        """``value`` as a tensor in the model's dtype, on its device."""
+        return torch.as_tensor(value, dtype=self.dtype, device=self.device)
 
     @property
     def lens_sites(self):

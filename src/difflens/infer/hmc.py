@@ -25,13 +25,14 @@ tree, so chains cannot share one batched call per step.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from .._io import atomic_path
+from .._io import atomic_path, tensors_to
 
 
 class FlatSites:
@@ -274,7 +275,9 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         ``n_steps`` (C, num_samples) leapfrog steps of each chain, ``divergent`` (C, num_samples) bool, and
         ``scale`` (G, D, D) the adapted preconditioner of each group (``u = scale[g] @ v`` for
         a chain of group g, v sampled with unit mass), ``rejected_updates`` the number of
-        window updates kept back because they made the step size 4x smaller.
+        window updates kept back because they made the step size 4x smaller, ``seconds``
+        the wall time of warm-up and of drawing the kept samples (``{"warmup": s,
+        "sampling": s}``, this call only: a resumed run counts what it ran).
 
     Notes
     -----
@@ -345,8 +348,10 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                                   rejected_updates, draws, accepts, divergent, n_steps_kept)))
         state.update(settings=settings, generator=gen.get_state())
         with atomic_path(checkpoint) as tmp:
-            torch.save(_to_device(state, "cpu"), tmp)
+            torch.save(tensors_to(state, "cpu"), tmp)
 
+    seconds = dict(warmup=0.0, sampling=0.0)
+    clock = time.perf_counter()
     bar = tqdm(range(start, warmup + num_samples), desc=desc, disable=not progress, leave=False,
                initial=start, total=warmup + num_samples)
     for it in bar:
@@ -412,6 +417,8 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                 da = dual_averaging_state(eps)
             if it == warmup - 1:
                 eps = da["log_eps_bar"].exp()
+                seconds["warmup"] = _elapsed(clock, v)
+                clock = time.perf_counter()
         else:
             draws.append(to_u(v))
             accepts.append(accept_prob)
@@ -422,26 +429,15 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         if (it + 1) % checkpoint_every == 0 or it + 1 == warmup + num_samples:
             save(it + 1)
     bar.close()
+    seconds["sampling"] = _elapsed(clock, v)          # the clock restarted when warm-up ended
     stats = dict(accept=torch.stack(accepts, 1), step_size=eps,
                  n_steps=torch.stack(n_steps_kept, 1), divergent=torch.stack(divergent, 1),
-                 scale=scale, rejected_updates=rejected_updates)
+                 scale=scale, rejected_updates=rejected_updates, seconds=seconds)
     return torch.stack(draws, 1), stats
 
 
 _STATE = ("iteration", "v", "pot", "grad", "eps", "dual_averaging", "scale", "window",
           "window_ends", "rejected_updates", "draws", "accepts", "divergent", "n_steps")
-
-
-def _to_device(obj, device):
-    """``obj`` (nested dicts, lists, tuples of tensors and numbers) with every tensor detached and
-    on ``device``: to the CPU for saving a checkpoint, back to the chains' device on loading."""
-    if torch.is_tensor(obj):
-        return obj.detach().to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 def _load_checkpoint(path, settings, device):
@@ -465,9 +461,16 @@ def _load_checkpoint(path, settings, device):
         raise ValueError(f"HMC checkpoint {path} was written with other {differ}; delete it or "
                          "choose another path to start afresh")
     generator = state.pop("generator")
-    state = _to_device(state, device)
+    state = tensors_to(state, device)
     state["generator"] = generator
     return state
+
+
+def _elapsed(since, tensor):
+    """Seconds since ``since``, after the device of ``tensor`` has finished its queued work."""
+    if tensor.device.type == "cuda":
+        torch.cuda.synchronize(tensor.device)
+    return time.perf_counter() - since
 
 
 def _adaptation_windows(warmup, init=0.15, term=0.1, first=25):

@@ -110,7 +110,8 @@ def fit_lens_light(model: LensModel, steps=300, lbfgs_steps=100, lr=0.05, clip=3
     cx0, cy0 = _peak_position(model)
     r = torch.sqrt((x - cx0) ** 2 + (y - cy0) ** 2)
     used = _used(model)
-    t = lambda v: torch.tensor(float(v), dtype=data.dtype, requires_grad=True)  # noqa: E731
+    t = lambda v: torch.tensor(float(v), dtype=data.dtype, device=data.device,  # noqa: E731
+                                requires_grad=True)
     centre = [t(cx0), t(cy0)]
     comps = []
     for i in range(n_comp):
@@ -222,7 +223,7 @@ def initialise(model: LensModel, threshold=3.0) -> dict:
     centre = (values["x0"], values["y0"])
     arcs = arc_radius(model, model.data - light, centre, threshold)
     if arcs is None:      # no arcs found: a typical galaxy-scale radius and brightness
-        arcs = (torch.tensor(1.0, dtype=model.data.dtype), 10 * model.noise_sigma.mean())
+        arcs = (model.tensor(1.0), 10 * model.noise_sigma.mean())
     values["r_ein"], values["src_amp"] = arcs
     return values
 
@@ -368,5 +369,5 @@ def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
             chi2 = float((((residual - amp * unit) / sigma) ** 2)[_used(model)].sum())
             if float(amp) > 0 and (best is None or chi2 < best[0]):
                 best = (chi2, dict(src_x0=cx, src_y0=cy, z=z, src_amp=amp,
-                                   src_s=torch.as_tensor(half_width, dtype=data.dtype)))
+                                   src_s=model.tensor(half_width)))
     return best[1] if best else {}

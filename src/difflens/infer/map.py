@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,9 @@ class MAPResult:
     log_posterior : float
     restart_losses : list of float
         Loss of each restart after its short run.
+    seconds : float
+        Wall time of the whole fit (restarts included; for :func:`fit_map_batch` that of the
+        batch, shared by its lenses).
 
     Examples
     --------
@@ -75,6 +79,7 @@ class MAPResult:
     fixed: tuple = ()
     lens_light_image: torch.Tensor | None = None
     derived: tuple = ("q", "phi")
+    seconds: float = float("nan")
 
     def lens(self) -> dict:
         """The eight lens parameters as floats (method.md conventions)."""
@@ -173,7 +178,8 @@ def _restart_values(model: LensModel, guess: dict, generator: torch.Generator,
     if not guess:
         return {}
     dtype = model.simulator.x.dtype
-    n = (lambda: float(torch.randn((), generator=generator, dtype=dtype))) if jitter else \
+    n = (lambda: float(torch.randn((), generator=generator, dtype=dtype,
+                                           device=generator.device))) if jitter else \
         (lambda: 0.0)  # noqa: E731
     out = {k: v for k, v in guess.items() if k.startswith("light")}
     radius = guess["r_ein"] * math.exp(0.25 * n())
@@ -189,8 +195,7 @@ def _restart_values(model: LensModel, guess: dict, generator: torch.Generator,
     priors, sites = model.all_priors(), model.site_names()
     if "src_x0" in priors:
         out.update(src_x0=guess["x0"], src_y0=guess["y0"])
-    return {k: _inside(priors[k], torch.as_tensor(v, dtype=dtype)) for k, v in out.items()
-            if k in sites}
+    return {k: _inside(priors[k], model.tensor(v)) for k, v in out.items() if k in sites}
 
 
 def _support_bounds(prior):
@@ -288,6 +293,7 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
     """
     if steps < 1 or restarts < 1 or finals < 1:
         raise ValueError("steps, restarts and finals must be >= 1")
+    clock = time.perf_counter()
     model.check_site_names(init or {}, "init")
     z_init = {}
     if model.source_kind == "vae":
@@ -295,18 +301,18 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
     runs, restart_losses = [], []
     pyro.set_rng_seed(seed)      # prior draws for the restarts: the same whatever ran before
     guess = initialise(model) if data_guess else {}
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)     # restart jitter, on the host
     # with lens light, the restarts search mass and source with the light held at its initial
     # fit: the arcs then drive the search, not the light profile
     priors = model.all_priors()
-    light = {k: _inside(priors[k], torch.as_tensor(v)) for k, v in guess.items()
+    light = {k: _inside(priors[k], model.tensor(v)) for k, v in guess.items()
              if k.startswith("light") and k in model.site_names()}
     searched = pyro.poutine.condition(model, data=light) if light else model
 
     def short_run(values, desc, run_seed):
         # copies: the optimiser updates its parameters in place, and these tensors may be the
         # caller's (init) or the model's own (the latent prior mean)
-        values = {k: torch.as_tensor(v).detach().clone() for k, v in values.items()}
+        values = {k: model.tensor(v).detach().clone() for k, v in values.items()}
         fn = init_to_value(values=values, fallback=init_to_sample)
         vals, losses = _run(searched, fn, restart_steps, lr, 0.5, 0.0, window, progress, desc,
                             run_seed)
@@ -339,6 +345,7 @@ def fit_map(model: LensModel, *, steps=2000, lr=0.03, lr_final_fraction=0.02, re
         final = summarise_map(model, vals, losses, restart_losses)
         if result is None or final.log_posterior > result.log_posterior:
             result = final
+    result.seconds = time.perf_counter() - clock       # float() of the losses synchronised
     return result
 
 
@@ -349,7 +356,7 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
         tr = pyro.poutine.trace(cond).get_trace()
         tr.compute_log_prob()
     params = {name: tr.nodes[name]["value"].detach() for name in values}
-    params.update({k: torch.tensor(v) for k, v in model.fixed_values().items()})
+    params.update({k: model.tensor(v) for k, v in model.fixed_values().items()})
     params.update({k: tr.nodes[k]["value"].detach() for k in model.derived_sites})
     image = tr.nodes["model_image"]["value"].detach()
     resid = (model.data - image) / model.noise_sigma
@@ -418,8 +425,9 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
     if steps < 1 or restarts < 1 or restart_steps < 1 or chunk < 1:
         raise ValueError("steps, restarts, restart_steps and chunk must be >= 1")
     n_lens = len(models)
+    clock = time.perf_counter()
     pyro.set_rng_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)     # restart jitter, on the host
     template = models[0]
     space = FlatSites(template)
 
@@ -446,7 +454,9 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
                            restart_steps, lr, 0.5, 0.0, window, chunk, progress,
                            "MAP restarts (batched)")
     final = np.nanmean(losses[-20:], axis=0).reshape(n_lens, restarts)
-    rows = torch.arange(n_lens) * restarts + torch.as_tensor(final.argmin(1))
+    # row bookkeeping stays on the host (CPU indices index tensors on any device)
+    rows = torch.arange(n_lens, device="cpu") * restarts + torch.as_tensor(final.argmin(1),
+                                                                          device="cpu")
     final_objective = objective(LensModel.stack(models))
     losses, u = _adam_rows(final_objective, u[rows], steps, lr, lr_final_fraction, tol, window,
                            chunk, progress, "MAP (batched)")
@@ -459,6 +469,8 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
         history = losses[:, i]
         results.append(summarise_map(m, values, history[np.isfinite(history)],
                                      final[i].tolist()))
+    for r in results:
+        r.seconds = time.perf_counter() - clock
     return results
 
 
@@ -476,7 +488,7 @@ def _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window, chunk, 
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     decay = lr_final_fraction ** (1.0 / max(steps, 1))
     history = np.full((steps, n), np.nan)
-    active = torch.ones(n, dtype=torch.bool)
+    active = torch.ones(n, dtype=torch.bool, device="cpu")      # which rows still move (host)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -498,7 +510,7 @@ def _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window, chunk, 
         if tol and t >= 2 * window:
             old = history[t - 2 * window:t - window, idx.cpu().numpy()].mean(0)
             new = history[t - window:t, idx.cpu().numpy()].mean(0)
-            done = torch.as_tensor((old - new) < tol * np.abs(new))
+            done = torch.as_tensor((old - new) < tol * np.abs(new), device="cpu")
             active[idx[done]] = False
             if not active.any():
                 history = history[:t]
@@ -526,7 +538,7 @@ def _rows_value_and_grad(objective, u, rows, chunk):
 def _polish_rows(objective, u, max_iter, chunk):
     """L-BFGS on the summed potential of all rows (independent blocks); per row, the polished
     point is kept only where its potential is lower and finite."""
-    rows = torch.arange(u.shape[0])
+    rows = torch.arange(u.shape[0], device="cpu")
     before, _ = _rows_value_and_grad(objective, u, rows, chunk)
     x = u.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([x], max_iter=max_iter, line_search_fn="strong_wolfe",

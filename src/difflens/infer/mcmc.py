@@ -12,7 +12,7 @@ R-hat > 1.01 or ESS < 100 (Vehtari et al. 2021).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyro
@@ -37,6 +37,9 @@ class Posterior:
         ``posterior`` group with every sampled site plus ``q`` and ``phi``.
     rhat, ess : dict of str -> float
         Per lens parameter (and ``theta_E``).
+    seconds : dict
+        Wall time of the sampler's ``warmup`` and ``sampling`` phases (HMC; for a batch of
+        lenses the batch's times, shared by all of them).
 
     Examples
     --------
@@ -48,6 +51,7 @@ class Posterior:
     idata: object
     rhat: dict
     ess: dict
+    seconds: dict = field(default_factory=dict)
 
     def summary(self, hdi_prob=0.94) -> dict:
         """Mean, sd and HDI of each lens parameter and ``theta_E`` (arcsec), with R-hat and ESS."""
@@ -280,7 +284,7 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
     def to_theta(u):
         return flat0[groups] + torch.einsum("cij,cj->ci", factor[groups], u)
 
-    u, _ = hmc(lambda v: stacked(to_theta(v)), u0, num_samples=num_samples, warmup=warmup,
+    u, stats = hmc(lambda v: stacked(to_theta(v)), u0, num_samples=num_samples, warmup=warmup,
                target_accept=target_accept, path_length=path_length, groups=groups, seed=seed,
                progress=progress, desc="HMC" if n_lens == 1 else f"HMC ({n_lens} lenses)",
                checkpoint=checkpoint)
@@ -291,6 +295,7 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         posterior = {n: v.reshape(n_lens, chains, num_samples, *v.shape[1:])[i]
                      .detach().cpu().numpy() for n, v in sites.items()}
         out.append(_posterior_from_draws(m, init, posterior, chains, seed + i))
+        out[-1].seconds = dict(stats["seconds"])
     return out
 
 
@@ -375,9 +380,11 @@ def _posterior_from_draws(model, init, posterior, chains, seed=0) -> Posterior:
     posterior.update(amplitude_draws(model, posterior, seed))
     for k, v in model.fixed_values().items():
         posterior[k] = np.full(shape, v)
-    q, phi = ellipticity_to_q_phi(torch.as_tensor(posterior["e1"]), torch.as_tensor(posterior["e2"]))
+    # the draws are numpy arrays on the host: q and phi are derived there, whatever the device
+    q, phi = ellipticity_to_q_phi(*(torch.as_tensor(posterior[k], device="cpu") for k in ("e1", "e2")))
     # phi has period pi: summarise it on the branch centred on the starting point (the MAP)
-    e0 = {k: torch.as_tensor(init[k] if k in init else model.fixed_values()[k]) for k in ("e1", "e2")}
+    e0 = {k: torch.tensor(float(init[k] if k in init else model.fixed_values()[k]),
+                          dtype=torch.float64, device="cpu") for k in ("e1", "e2")}
     phi0 = float(ellipticity_to_q_phi(e0["e1"], e0["e2"])[1])
     posterior["q"], posterior["phi"] = q.numpy(), unwrap_angle(phi, phi0).numpy()
     # lenstronomy's Einstein radius theta_E = sqrt(q) r_ein (the number papers quote), see
