@@ -36,8 +36,9 @@ def potential_for(model, batch):
     space = FlatSites(model)
     flat = space.start
     pot = space.potential(LensModel.stack([model], repeat=batch))
-    gen = torch.Generator().manual_seed(0)
-    u = flat + 0.01 * torch.randn(batch, flat.numel(), generator=gen, dtype=flat.dtype)
+    gen = torch.Generator(device=flat.device).manual_seed(0)
+    u = flat + 0.01 * torch.randn(batch, flat.numel(), generator=gen, dtype=flat.dtype,
+                                  device=flat.device)
     return pot, u
 
 
@@ -75,7 +76,7 @@ def main(argv=None):
 
         def model_at(npix):
             obs = simulate_mock(1, npix=npix, pixel_scale=10.24 / npix, source=args.source)
-            return build_model(obs, source=args.source, dtype=dtype)
+            return build_model(obs, source=args.source, dtype=dtype, device=device)
 
         for npix in args.sizes:
             ms = time_call(model_at(npix), 1, args.runs, device)
