@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supersample", type=int, default=1, help="sub-pixels per pixel side")
     p.add_argument("--source", choices=("vae", "sersic"), default="vae")
     p.add_argument("--priors", choices=("default", "paper"), default="default")
-    p.add_argument("--steps", type=int, default=2000, help="MAP Adam steps")
+    p.add_argument("--steps", type=int, default=400,
+                   help="MAP Adam steps of the final run (then up to 500 L-BFGS iterations)")
     p.add_argument("--restarts", type=int, default=4, help="MAP restarts from prior draws")
     p.add_argument("--finals", type=int, default=1,
                    help="MAP: the best N short runs are each continued to convergence; the "

@@ -301,7 +301,7 @@ def start_from_summary(model: LensModel, summary) -> dict:
 
 
 def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
-             flux_scale="auto", supersample=1, steps=2000, restarts=4, finals=1,
+             flux_scale="auto", supersample=1, steps=400, restarts=4, finals=1,
              encode_source=True, samples=0, warmup=200,
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
              marginalise_amplitudes=False, dtype=torch.float64, device="cpu", progress=True,

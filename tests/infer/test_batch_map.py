@@ -124,7 +124,8 @@ def test_batched_posteriors_scale_with_each_lens_noise():
     models = [first, first.with_data(clean + 0.2 * noise, 0.2)]
     maps = fit_map_batch(models, steps=800, restarts=2, restart_steps=150, seed=0,
                          progress=False)
-    posts = sample_posterior_batch(models, [m.sample_sites() for m in maps], num_samples=150,
+    # 3 x 300 draws: with 150 the R-hat estimate itself scatters by ~0.03 around its value
+    posts = sample_posterior_batch(models, [m.sample_sites() for m in maps], num_samples=300,
                                    warmup=150, chains=3, seed=2, progress=False)
     assert len(posts) == 2
     for post in posts:

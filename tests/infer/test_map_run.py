@@ -1,33 +1,37 @@
-"""The Adam loop of the MAP fit never returns a point worse than the best one it visited."""
-import pyro
-import pyro.distributions as dist
+"""The Adam loop of the MAP fit never returns a point worse than the best one it visited, and
+rows of one batch follow the paths they would follow alone."""
+import numpy as np
 import torch
-from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide import AutoDelta
-from pyro.infer.autoguide.initialization import init_to_value
 
-from difflens.infer.map import _run
+from difflens.infer.map import _adam_rows, _polish_rows
 
 
-def _model():
-    x = pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
-    pyro.sample("obs", dist.Normal(x, 0.01), obs=torch.tensor(1.0, dtype=torch.float64))
-
-
-def _loss(values):
-    pyro.clear_param_store()
-    guide = AutoDelta(_model, init_loc_fn=init_to_value(values=values))
-    with torch.no_grad():
-        return float(Trace_ELBO().differentiable_loss(_model, guide))
+def _well(width):
+    """Rows -> potential of independent 1-d Gaussian wells centred on 1 with ``width``."""
+    return lambda rows: (lambda u: 0.5 * ((u[:, 0] - 1.0) / width) ** 2)
 
 
 def test_adam_that_overshoots_returns_the_best_point_visited():
     # started at the optimum (x ~ 1) with a learning rate far too large for a 0.01-wide well
-    start = {"x": torch.tensor(0.9999, dtype=torch.float64)}
-    values, losses = _run(_model, init_to_value(values=start), steps=15, lr=3.0,
-                          lr_final_fraction=1.0, tol=0.0, window=5, progress=False,
-                          desc="", seed=0)
-    assert max(losses) > losses[0] + 100          # Adam did leave the optimum...
-    assert _loss(values) <= _loss(start) + 1e-9   # ...but the result is where it was best
-    assert abs(float(values["x"]) - 0.9999) < 1e-6
-    pyro.clear_param_store()
+    u0 = torch.tensor([[0.9999]], dtype=torch.float64)
+    history, u = _adam_rows(_well(0.01), u0, steps=15, lr=3.0, lr_final_fraction=1.0, tol=0.0,
+                            window=5, chunk=1, progress=False, desc="")
+    assert history.max() > history[0, 0] + 100        # Adam did leave the optimum...
+    assert abs(float(u[0, 0]) - 0.9999) < 1e-12        # ...but the result is where it was best
+
+
+def test_rows_are_independent_and_chunks_do_not_matter():
+    u0 = torch.tensor([[0.0], [3.0], [-2.0]], dtype=torch.float64)
+    together = _adam_rows(_well(0.5), u0, 40, 0.1, 0.5, 0.0, 10, 3, False, "")
+    apart = [_adam_rows(_well(0.5), u0[i:i + 1], 40, 0.1, 0.5, 0.0, 10, 1, False, "")
+             for i in range(3)]
+    for i, (history, u) in enumerate(apart):
+        assert np.allclose(together[0][:, i], history[:, 0], rtol=0, atol=1e-12)
+        assert torch.allclose(together[1][i], u[0], rtol=0, atol=1e-12)
+
+
+def test_polish_reaches_the_optimum_and_reports_its_evaluations():
+    u0 = torch.tensor([[0.7], [1.4]], dtype=torch.float64)
+    u, seen = _polish_rows(_well(0.01), u0, max_iter=50, chunk=2)
+    assert torch.allclose(u, torch.ones_like(u), atol=1e-8)
+    assert len(seen) >= 2 and seen[-1] < seen[0]
