@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MAP Adam steps of the final run (then up to 500 L-BFGS iterations)")
     p.add_argument("--restarts", type=int, default=4, help="MAP restarts from prior draws")
     p.add_argument("--finals", type=int, default=1,
-                   help="MAP: the best N short runs are each continued to convergence; the "
-                        "highest log posterior is kept")
+                   help="MAP: the best N short runs are each continued with Adam; the one "
+                        "with the highest log posterior is polished and kept")
     p.add_argument("--no-source-start", action="store_true",
                    help="MAP: skip the extra run from the source read off the arcs and encoded "
                         "by the VAE encoder")

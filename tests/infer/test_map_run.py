@@ -14,10 +14,11 @@ def _well(width):
 def test_adam_that_overshoots_returns_the_best_point_visited():
     # started at the optimum (x ~ 1) with a learning rate far too large for a 0.01-wide well
     u0 = torch.tensor([[0.9999]], dtype=torch.float64)
-    history, u = _adam_rows(_well(0.01), u0, steps=15, lr=3.0, lr_final_fraction=1.0, tol=0.0,
-                            window=5, chunk=1, progress=False, desc="")
+    history, u, loss = _adam_rows(_well(0.01), u0, steps=15, lr=3.0, lr_final_fraction=1.0,
+                                  tol=0.0, window=5, chunk=1, progress=False, desc="")
     assert history.max() > history[0, 0] + 100        # Adam did leave the optimum...
     assert abs(float(u[0, 0]) - 0.9999) < 1e-12        # ...but the result is where it was best
+    assert abs(float(loss[0]) - 0.5 * (0.0001 / 0.01) ** 2) < 1e-12     # and its loss is that
 
 
 def test_rows_are_independent_and_chunks_do_not_matter():
@@ -25,7 +26,7 @@ def test_rows_are_independent_and_chunks_do_not_matter():
     together = _adam_rows(_well(0.5), u0, 40, 0.1, 0.5, 0.0, 10, 3, False, "")
     apart = [_adam_rows(_well(0.5), u0[i:i + 1], 40, 0.1, 0.5, 0.0, 10, 1, False, "")
              for i in range(3)]
-    for i, (history, u) in enumerate(apart):
+    for i, (history, u, _) in enumerate(apart):
         assert np.allclose(together[0][:, i], history[:, 0], rtol=0, atol=1e-12)
         assert torch.allclose(together[1][i], u[0], rtol=0, atol=1e-12)
 

@@ -11,8 +11,8 @@ light; jittered) with the other parameters drawn from the prior and the source
 latent at its prior mean (with a flexible source, blind prior draws rarely find the right basin).
 With a VAE source one more short run starts from the best restart's lens with the source read off
 the data (the arcs mapped back to the source plane and encoded,
-:func:`difflens.infer.initialise.source_from_arcs`).  The best of these (the best ``finals``, as one batch) is
-continued for up to ``steps`` Adam steps with a learning rate decaying
+:func:`difflens.infer.initialise.source_from_arcs`).  The best of these (the best ``finals``,
+as one batch) is continued for up to ``steps`` Adam steps with a learning rate decaying
 geometrically from ``lr`` to ``lr * lr_final_fraction``; it stops early once the loss improves by
 less than ``tol`` (relative) over ``window`` steps.  Adam's fixed-size steps only approach the
 optimum, so the result is polished with L-BFGS (strong Wolfe line search), which is kept only if it
@@ -243,7 +243,7 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
     def short_runs(starts, desc):
         """Adam runs of ``restart_steps`` from each start (rows of one batch) -> (loss, values)."""
         u0 = torch.stack([search_space.flatten(_complete(model, v)) for v in starts])
-        history, u = _adam_rows(search, u0, restart_steps, lr, 0.5, 0.0, window, len(starts),
+        history, u, _ = _adam_rows(search, u0, restart_steps, lr, 0.5, 0.0, window, len(starts),
                                 progress, desc)
         losses = np.nanmean(history[-20:], axis=0)
         return [(float(loss), {**light, **_row_values(search_space, row)})
@@ -272,12 +272,10 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
     objective = _map_objective(space, model)
     chosen = sorted(runs, key=lambda run: run[0])[:finals]
     u0 = torch.stack([space.flatten(values) for _, values in chosen])
-    history, u = _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window, len(chosen),
-                            progress, "MAP")
+    history, u, end = _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window,
+                                 len(chosen), progress, "MAP")
     # the polish continues only the best of them (Adam leaves each within a few nats of its
     # optimum; L-BFGS on a sum of rows would share one line search between them)
-    end, _ = _rows_value_and_grad(objective, u, torch.arange(len(chosen), device="cpu"),
-                                  len(chosen))
     i = int(torch.argmin(end))
     losses = history[:, i]
     losses = losses[np.isfinite(losses)]
@@ -404,7 +402,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
             return space.potential(sub, jacobian=False)
         return rows_potential
 
-    losses, u = _adam_rows(objective(LensModel.stack(models, repeat=restarts)), u,
+    losses, u, _ = _adam_rows(objective(LensModel.stack(models, repeat=restarts)), u,
                            restart_steps, lr, 0.5, 0.0, window, chunk, progress,
                            "MAP restarts (batched)")
     final = np.nanmean(losses[-20:], axis=0).reshape(n_lens, restarts)
@@ -412,7 +410,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
     rows = torch.arange(n_lens, device="cpu") * restarts + torch.as_tensor(final.argmin(1),
                                                                           device="cpu")
     final_objective = objective(LensModel.stack(models))
-    losses, u = _adam_rows(final_objective, u[rows], steps, lr, lr_final_fraction, tol, window,
+    losses, u, _ = _adam_rows(final_objective, u[rows], steps, lr, lr_final_fraction, tol, window,
                            chunk, progress, "MAP (batched)")
     if polish_steps:
         u, _ = _polish_rows(final_objective, u, polish_steps, chunk)
@@ -432,11 +430,13 @@ def _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window, chunk, 
     """Adam (Kingma & Ba 2015, Algorithm 1) on each row of ``u0`` (N, D) independently.
 
     ``objective(rows)`` returns the batched potential for those rows.  Each row's gradient is
-    clipped to norm 100 (a start far from the optimum has gradients of 1e4-1e6); a row stops once its loss
-    improves by less than ``tol`` (relative) between two successive ``window``-step means.
+    clipped to norm 100 (a start far from the optimum has gradients of 1e4-1e6); a row stops
+    once its loss improves by less than ``tol`` (relative) between two successive
+    ``window``-step means.
     Adam's fixed-size steps can carry a good start away (e.g. a learning rate too large for a
     narrow optimum) and never come back, so each row ends at the best point it visited.
-    Returns the loss history (steps, N) (NaN after a row stopped) and the final rows.
+    Returns the loss history (steps, N) (NaN after a row stopped), the final rows and their
+    losses (N,).
     """
     n = u0.shape[0]
     u = u0.detach().clone()
@@ -483,7 +483,7 @@ def _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window, chunk, 
         bar.close()
     end, _ = _rows_value_and_grad(objective, u, torch.arange(n, device="cpu"), chunk)
     better = torch.isfinite(end) & (end < best_val)
-    return history, torch.where(better[:, None], u, best_u)
+    return history, torch.where(better[:, None], u, best_u), torch.where(better, end, best_val)
 
 
 def _rows_value_and_grad(objective, u, rows, chunk):
