@@ -59,8 +59,9 @@ def main(argv=None):
     ap.add_argument("--lens-light", type=int, default=2, help="Sersic lens-light components")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--restarts", type=int, default=6)
-    ap.add_argument("--finals", type=int, default=1,
-                    help="MAP: continue the best N short runs to convergence, keep the best")
+    ap.add_argument("--finals", type=lambda t: t if t == "all" else int(t), default=1,
+                    help="MAP: continue the best N short runs (or 'all') to convergence, keep "
+                         "the best")
     ap.add_argument("--no-source-start", action="store_true",
                     help="MAP: no extra run from the source read off the arcs (VAE encoder); "
                          "reproduces runs made before 2026-11-23 (session 16)")

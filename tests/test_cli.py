@@ -168,3 +168,14 @@ def test_fit_from_an_earlier_fit_with_a_site_held_and_amplitudes_marginalised(tm
     assert main(base + ["--samples", "2", "--hold", "src_amp", "--marginalise-amplitudes",
                         "--out", str(tmp_path / "e")]) == 2
     assert "src_amp" in capsys.readouterr().err
+
+
+def test_fit_finals_accepts_a_count_or_all():
+    from difflens.cli import build_parser
+
+    def finals(*extra):
+        return build_parser().parse_args(["fit", "image.fits", "--out", "fit", *extra]).finals
+
+    assert finals() == 1 and finals("--finals", "3") == 3 and finals("--finals", "all") == "all"
+    with pytest.raises(SystemExit):
+        finals("--finals", "most")

@@ -180,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=400,
                    help="MAP Adam steps of the final run (then up to 500 L-BFGS iterations)")
     p.add_argument("--restarts", type=int, default=4, help="MAP restarts from prior draws")
-    p.add_argument("--finals", type=int, default=1,
-                   help="MAP: the best N short runs are each continued with Adam; the one "
-                        "with the highest log posterior is polished and kept")
+    p.add_argument("--finals", type=lambda t: t if t == "all" else int(t), default=1,
+                   help="MAP: the best N short runs (or 'all') are each continued with Adam; "
+                        "the one with the highest log posterior is polished and kept")
     p.add_argument("--no-source-start", action="store_true",
                    help="MAP: skip the extra run from the source read off the arcs and encoded "
                         "by the VAE encoder")

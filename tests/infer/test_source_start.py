@@ -100,6 +100,10 @@ def test_fit_map_adds_the_encoded_start_and_keeps_the_best_final(vae):
     assert len(one.restart_losses) == 3
     assert len(fit_map(model, encode_source=False, **kw).restart_losses) == 2
     # the first of two finals is the single final run: two can only end higher
-    assert fit_map(model, finals=2, **kw).log_posterior >= one.log_posterior
-    with pytest.raises(ValueError, match="finals"):
-        fit_map(model, finals=0, **kw)
+    two = fit_map(model, finals=2, **kw)
+    assert two.log_posterior >= one.log_posterior
+    # "all" continues every short run (3 here): the best two among them again
+    assert fit_map(model, finals="all", **kw).log_posterior >= two.log_posterior
+    for bad in (0, "some", 1.5):
+        with pytest.raises(ValueError, match="finals"):
+            fit_map(model, finals=bad, **kw)

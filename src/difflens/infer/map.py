@@ -198,11 +198,15 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
         the best restart's lens onto a source stamp, encoded by the VAE encoder for the latent,
         with the source centre and size read off the back-projected arcs
         (:func:`difflens.infer.initialise.source_from_arcs`).
-    finals : int
+    finals : int or "all"
         How many of the best short runs are continued with Adam (rows of one batch, each to its
         own convergence); the one with the highest log posterior after Adam is polished and
         returned.  On rugged posteriors (real lenses with a VAE source) the short runs' order is
-        a weak predictor of where the full run ends.
+        a weak predictor of where the full run ends: on a 256x256 mock the one restart of 8 that
+        reached the true basin ranked last of the good ones after 150 steps and first after
+        Adam (``benchmarks/RESULTS.md``).  ``"all"`` continues every short run (restarts and
+        the encoded-source run): nearly free on a GPU, where rows of a batch cost about one,
+        ~2.5x the final Adam time per 5 rows on a CPU.
     seed : int
         Makes the fit reproducible.
 
@@ -219,8 +223,10 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
     >>> result = fit_map(model, steps=800, restarts=2)          # doctest: +SKIP
     >>> result.lens()["r_ein"], result.reduced_chi2             # doctest: +SKIP
     """
-    if steps < 1 or restarts < 1 or finals < 1 or restart_steps < 1:
-        raise ValueError("steps, restarts, restart_steps and finals must be >= 1")
+    if finals != "all" and not (isinstance(finals, int) and finals >= 1):
+        raise ValueError(f"finals must be an integer >= 1 or 'all', got {finals!r}")
+    if steps < 1 or restarts < 1 or restart_steps < 1:
+        raise ValueError("steps, restarts and restart_steps must be >= 1")
     from .hmc import FlatSites
 
     clock = time.perf_counter()
@@ -270,7 +276,7 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
     # the best ``finals`` short runs continued to convergence, as rows of one batch
     space = FlatSites(model)
     objective = _map_objective(space, model)
-    chosen = sorted(runs, key=lambda run: run[0])[:finals]
+    chosen = sorted(runs, key=lambda run: run[0])[:None if finals == "all" else finals]
     u0 = torch.stack([space.flatten(values) for _, values in chosen])
     history, u, end = _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window,
                                  len(chosen), progress, "MAP")
