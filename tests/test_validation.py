@@ -1,0 +1,63 @@
+"""The validation study's bookkeeping (validation/coverage.py) on hand-made records."""
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "validation" / "coverage.py"
+
+
+@pytest.fixture(scope="module")
+def coverage():
+    spec = importlib.util.spec_from_file_location("coverage_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(coverage, rel_errors, phi_err=0.0, chi2=1.0):
+    truth = dict(r_ein=1.5, q=0.8, phi=1.5, gamma=2.0, x0=0.0, y0=0.0, g1=0.01, g2=-0.02)
+    fit = dict(truth)
+    for k, e in rel_errors.items():
+        fit[k] = truth[k] * (1 + e)
+    fit["phi"] = truth["phi"] + phi_err
+    params = {k: dict(truth=truth[k], map=fit[k]) for k in coverage.PARAMS}
+    params["theta_E"] = dict(truth=math.sqrt(truth["q"]) * truth["r_ein"],
+                             map=math.sqrt(fit["q"]) * fit["r_ein"])
+    return dict(seed=0, reduced_chi2=chi2, snr=100.0, galaxy=0, params=params)
+
+
+def test_map_bias_summary_medians(coverage):
+    recs = [_record(coverage, dict(r_ein=e, gamma=-2 * e)) for e in (0.01, -0.02, 0.03)]
+    s = coverage.summarise_map(recs)
+    assert s["r_ein"]["median_rel"] == pytest.approx(0.01)
+    assert s["r_ein"]["median_abs_rel"] == pytest.approx(0.02)
+    assert s["gamma"]["median_rel"] == pytest.approx(-0.02)
+    assert s["gamma"]["frac_abs_rel_below_1pc"] == 0.0
+    # q exact, so theta_E = sqrt(q) r_ein carries r_ein's relative error
+    assert s["theta_E"]["median_rel"] == pytest.approx(0.01)
+    assert s["n"] == 3 and s["failure_rate"] == 0.0
+
+
+def test_map_bias_summary_wraps_phi_and_counts_failures(coverage):
+    # the ellipse has period pi: an error of pi - 0.01 is an error of -0.01
+    recs = [_record(coverage, {}, phi_err=math.pi - 0.01, chi2=1.3),
+            _record(coverage, {}, phi_err=0.02)]
+    s = coverage.summarise_map(recs)
+    assert s["phi"]["median_abs"] == pytest.approx(0.015)
+    assert s["failure_rate"] == 0.5
+
+
+def test_coverage_summary_counts_truths_inside_intervals(coverage):
+    # quantile of the truth in the posterior: 0.5 (centre), 0.1 (inside 95% only), 0.01 (out)
+    recs = []
+    for u in (0.5, 0.1, 0.01, 0.9):
+        recs.append(dict(seed=0, reduced_chi2=1.0, rhat=1.0,
+                         params={k: dict(quantile=u, z=0.0, mean=1.0, truth=1.0)
+                                 for k in coverage.PARAMS}))
+    s = coverage.summarise(recs)
+    assert s["r_ein"]["cover68"] == pytest.approx(0.25)
+    assert s["r_ein"]["cover95"] == pytest.approx(0.75)
+    assert np.isclose(s["gamma"]["median_abs_rel_bias"], 0.0)
