@@ -179,3 +179,14 @@ def test_fit_finals_accepts_a_count_or_all():
     assert finals() == 1 and finals("--finals", "3") == 3 and finals("--finals", "all") == "all"
     with pytest.raises(SystemExit):
         finals("--finals", "most")
+
+
+def test_fit_sampler_choices_include_laplace():
+    from difflens.cli import build_parser
+
+    def sampler(*extra):
+        return build_parser().parse_args(["fit", "image.fits", "--out", "fit", *extra]).sampler
+
+    assert sampler() == "hmc" and sampler("--sampler", "laplace") == "laplace"
+    with pytest.raises(SystemExit):
+        sampler("--sampler", "mh")

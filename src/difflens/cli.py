@@ -190,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="posterior draws per chain (0: MAP only)")
     p.add_argument("--warmup", type=int, default=300, help="adaptation iterations per chain")
     p.add_argument("--chains", type=int, default=4)
-    p.add_argument("--sampler", choices=("hmc", "nuts"), default="hmc",
-                   help="hmc: all chains in one batched likelihood; nuts: Pyro NUTS, chain by chain")
+    p.add_argument("--sampler", choices=("hmc", "nuts", "laplace"), default="hmc",
+                   help="hmc: all chains in one batched likelihood; nuts: Pyro NUTS, chain by "
+                        "chain; laplace: samples x chains independent draws from the Gaussian "
+                        "approximation at the MAP (fast, exact only for a Gaussian posterior)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hold-lens-light", action="store_true",
                    help="sample mass and source with the lens light held at its MAP")

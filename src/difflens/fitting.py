@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .datasets.observation import Observation
-from .infer import MAPResult, Posterior, fit_map, sample_posterior
+from .infer import MAPResult, Posterior, fit_map, sample_laplace, sample_posterior
 from .lensing import to_lenstronomy_epl
 from .model import LensModel, Priors, q_phi_to_ellipticity
 from .simulate import LENS_PARAMS, Simulator
@@ -214,9 +214,15 @@ class LensFit:
         if held:
             model = model.with_fixed(held)
             sites = {k: v for k, v in sites.items() if k not in held}
-        post = sample_posterior(model, sites, num_samples=samples, warmup=warmup, chains=chains,
-                                seed=seed, method=sampler, max_tree_depth=max_tree_depth,
-                                progress=progress, checkpoint=checkpoint)
+        if sampler == "laplace":
+            if checkpoint is not None:
+                raise ValueError("sampler='laplace' draws at once and keeps no checkpoint")
+            post = sample_laplace(model, sites, num_samples=samples * chains, seed=seed)
+        else:
+            post = sample_posterior(model, sites, num_samples=samples, warmup=warmup,
+                                    chains=chains, seed=seed, method=sampler,
+                                    max_tree_depth=max_tree_depth, progress=progress,
+                                    checkpoint=checkpoint)
         return LensFit(self.observation, self.model, self.map, post)
 
     def save(self, out_dir, coolest=False) -> Path:
@@ -319,8 +325,11 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         See :func:`build_model`; ``device="cuda"`` runs the whole fit on a GPU.
     steps, restarts, finals, encode_source : MAP settings (see :func:`difflens.infer.fit_map`)
     samples, warmup, chains : sampler settings (draws and warm-up per chain)
-    sampler : "hmc" (all chains in one batched likelihood) or "nuts" (Pyro, chain after chain);
-        see :func:`difflens.infer.sample_posterior`
+    sampler : "hmc" (all chains in one batched likelihood), "nuts" (Pyro, chain after chain),
+        see :func:`difflens.infer.sample_posterior`; or "laplace": ``samples x chains``
+        independent draws from the Gaussian approximation at the MAP
+        (:func:`difflens.infer.sample_laplace`; seconds instead of minutes, exact only where the
+        posterior is Gaussian; ``warmup`` unused)
     max_tree_depth : NUTS only
     sample_lens_light : bool
         With lens light: sample its parameters too (default), or hold them at the MAP so the
@@ -346,8 +355,10 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     >>> fit = fit_lens(obs, source="sersic", steps=800, restarts=2, samples=200)  # doctest: +SKIP
     >>> print(fit.table()); fit.save("fit_output")                                # doctest: +SKIP
     """
-    if checkpoint is not None and sampler != "hmc":     # before the MAP, not after it
-        raise ValueError("checkpoints are kept by sampler='hmc' only, not by Pyro's NUTS")
+    if sampler not in ("hmc", "nuts", "laplace"):     # before the MAP, not after it
+        raise ValueError(f"sampler must be 'hmc', 'nuts' or 'laplace', got {sampler!r}")
+    if checkpoint is not None and sampler != "hmc":
+        raise ValueError(f"checkpoints are kept by sampler='hmc' only, not by {sampler!r}")
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
                         marginalise_amplitudes=marginalise_amplitudes, dtype=dtype,
@@ -367,8 +378,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
                flux_scale="auto", supersample=1, steps=1000, restarts=4, chunk=64, samples=0,
-               warmup=300, chains=4, seed=0, marginalise_amplitudes=False, dtype=torch.float64,
-               device="cpu", progress=True) -> list:
+               warmup=300, chains=4, sampler="hmc", seed=0, marginalise_amplitudes=False,
+               dtype=torch.float64, device="cpu", progress=True) -> list:
     """MAP fits (and posteriors) of many observations at once, vectorised over lenses.
 
     The MAP is :func:`difflens.infer.fit_map_batch`; with ``samples > 0`` the posteriors follow
@@ -393,6 +404,9 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     samples, warmup, chains : int
         HMC draws kept and warm-up iterations per chain, chains per lens (``samples=0``: MAP
         only).  The HMC batch holds every lens x chain at once: split very large sets.
+    sampler : "hmc" or "laplace"
+        ``"laplace"``: ``samples x chains`` independent draws per lens from the Gaussian
+        approximation at its MAP (:func:`difflens.infer.sample_laplace`), lens after lens.
 
     Returns
     -------
@@ -411,6 +425,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     observations = list(observations)
     if not observations:
         raise ValueError("fit_lenses needs at least one observation")
+    if sampler not in ("hmc", "laplace"):
+        raise ValueError(f"fit_lenses samples with 'hmc' or 'laplace', got {sampler!r}")
     first = observations[0]
     for i, obs in enumerate(observations[1:], 1):
         if obs.shape != first.shape or obs.pixel_scale != first.pixel_scale:
@@ -433,7 +449,10 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     results = fit_map_batch(models, steps=steps, restarts=restarts, chunk=chunk, seed=seed,
                             progress=progress)
     posts = [None] * len(models)
-    if samples > 0:
+    if samples > 0 and sampler == "laplace":
+        posts = [sample_laplace(m, r.sample_sites(), num_samples=samples * chains, seed=seed + i)
+                 for i, (m, r) in enumerate(zip(models, results))]
+    elif samples > 0:
         posts = sample_posterior_batch(models, [r.sample_sites() for r in results],
                                        num_samples=samples, warmup=warmup, chains=chains,
                                        seed=seed, progress=progress)

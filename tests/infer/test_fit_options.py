@@ -124,3 +124,25 @@ def test_sites_held_at_the_map_while_sampling_stay_there():
     d = post.idata.posterior
     assert np.all(d["src_n"].values == SRC["n"]) and np.all(d["g1"].values == LENS["g1"])
     assert np.ptp(d["gamma"].values) > 0                      # the others are sampled
+
+
+def test_fit_lens_laplace_sampler_and_bad_sampler(tmp_path):
+    from difflens.datasets.mocks import simulate_mock
+    from difflens.fitting import fit_lens, fit_lenses
+
+    obs = simulate_mock(5, noise_sigma=0.05, npix=32, pixel_scale=0.2, source="sersic")
+    with pytest.raises(ValueError, match="sampler must be"):
+        fit_lens(obs, source="sersic", samples=10, sampler="mh")        # before any MAP work
+    with pytest.raises(ValueError, match="checkpoints"):
+        fit_lens(obs, source="sersic", samples=10, sampler="laplace", checkpoint=tmp_path / "c")
+    with pytest.raises(ValueError, match="'hmc' or 'laplace'"):
+        fit_lenses([obs], source="sersic", samples=10, sampler="nuts")
+    fit = fit_lens(obs, source="sersic", steps=200, restarts=1, samples=100, chains=2,
+                   sampler="laplace", progress=False)
+    draws = fit.posterior.idata.posterior
+    assert draws["r_ein"].shape == (1, 200)                          # samples x chains, iid
+    # the Gaussian is centred near the MAP (one Newton step away at most)
+    sd = float(draws["r_ein"].std())
+    assert abs(float(draws["r_ein"].mean()) - fit.map.lens()["r_ein"]) < 0.5 * sd
+    fit.save(tmp_path / "out")
+    assert (tmp_path / "out" / "posterior.nc").exists()

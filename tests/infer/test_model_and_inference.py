@@ -176,3 +176,55 @@ def test_map_is_reproducible_from_its_seed_whatever_ran_before():
     assert first.restart_losses == second.restart_losses       # restarts drawn from the prior
     for k in ("r_ein", "gamma", "src_amp"):
         assert float(first.params[k]) == float(second.params[k]), k
+
+
+def test_laplace_draws_match_the_posterior_integrated_on_a_grid():
+    """Mean and sd of r_ein and gamma from sample_laplace against the posterior computed by
+    direct numerical integration over a (r_ein, gamma) grid, the other parameters held."""
+    from difflens.infer import sample_laplace
+    from difflens.infer.hmc import FlatSites
+
+    sim, _, data = small_problem(npix=16, pixscale=0.16, noise=0.02)
+    held = Priors.default("sersic")
+    t = truth_sites()
+    for k in ("e1", "e2", "x0", "y0", "g1", "g2"):
+        held.lens[k] = float(t[k])
+    for k in ("amp", "r_e", "n", "e1", "e2", "x0", "y0"):
+        held.source[k] = float(t["src_" + k])
+    model = LensModel(data, 0.02, sim, source="sersic", priors=held)
+    init = {k: t[k] for k in ("r_ein", "gamma")}
+    post = sample_laplace(model, init, num_samples=4000, seed=3)
+    draws = {k: post.idata.posterior[k].values.reshape(-1) for k in ("r_ein", "gamma")}
+    assert draws["r_ein"].shape == (4000,)
+
+    # the posterior density of the constrained parameters (no Jacobian) on a grid of +-6 sd
+    space = FlatSites(model)
+    density = space.potential(model, jacobian=False)
+    m, s = {k: draws[k].mean() for k in draws}, {k: draws[k].std() for k in draws}
+    r = np.linspace(m["r_ein"] - 6 * s["r_ein"], m["r_ein"] + 6 * s["r_ein"], 81)
+    g = np.linspace(m["gamma"] - 6 * s["gamma"], m["gamma"] + 6 * s["gamma"], 81)
+    rr, gg = np.meshgrid(r, g, indexing="ij")
+    rows = torch.stack([space.flatten({"r_ein": a, "gamma": b})
+                        for a, b in zip(rr.ravel(), gg.ravel())])
+    with torch.no_grad():
+        logp = -density(rows).numpy().reshape(rr.shape)
+    w = np.exp(logp - logp.max())
+    w /= w.sum()
+    for k, x in (("r_ein", rr), ("gamma", gg)):
+        mean = (w * x).sum()
+        sd = math.sqrt((w * (x - mean) ** 2).sum())
+        assert abs(draws[k].mean() - mean) < 0.1 * sd, k
+        assert draws[k].std() == pytest.approx(sd, rel=0.06), k
+    # and the two are correlated as on the grid
+    c_grid = (w * (rr - (w * rr).sum()) * (gg - (w * gg).sum())).sum()
+    c_draw = np.cov(draws["r_ein"], draws["gamma"])[0, 1]
+    assert c_draw == pytest.approx(c_grid, rel=0.15)
+
+
+def test_laplace_rejects_bad_input():
+    from difflens.infer import sample_laplace
+
+    sim, _, data = small_problem(npix=16, pixscale=0.16)
+    model = LensModel(data, 0.02, sim, source="sersic")
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_laplace(model, truth_sites(), num_samples=0)
