@@ -81,20 +81,29 @@ def map_record(obs, fit):
     return rec
 
 
+def map_errors(records, k):
+    """MAP minus truth of parameter ``k`` over the records (phi wrapped to (-pi/2, pi/2])."""
+    err = np.array([r["params"][k]["map"] - r["params"][k]["truth"] for r in records])
+    return wrap_phi(err) if k == "phi" else err
+
+
+def relative_map_errors(records, k):
+    """(MAP - truth) / |truth| of parameter ``k`` over the records."""
+    return map_errors(records, k) / np.abs([r["params"][k]["truth"] for r in records])
+
+
 def summarise_map(records):
     """Median relative error (signed and absolute) of the MAP of r_ein, theta_E, gamma, q, and
     the median absolute error of the others (phi wrapped; arcsec, radians, or shear)."""
     out = {}
     for k in PARAMS + ("theta_E",):
-        err = np.array([r["params"][k]["map"] - r["params"][k]["truth"] for r in records])
-        if k == "phi":
-            err = wrap_phi(err)
         if k in ("r_ein", "theta_E", "gamma", "q"):
-            rel = err / np.abs([r["params"][k]["truth"] for r in records])
+            rel = relative_map_errors(records, k)
             out[k] = dict(median_rel=float(np.median(rel)), median_abs_rel=float(np.median(np.abs(rel))),
                           mean_rel=float(rel.mean()), sd_rel=float(rel.std()),
                           frac_abs_rel_below_1pc=float(np.mean(np.abs(rel) < 0.01)))
         else:
+            err = map_errors(records, k)
             out[k] = dict(median=float(np.median(err)), median_abs=float(np.median(np.abs(err))))
     out["n"] = len(records)
     out["failure_rate"] = float(np.mean([r["reduced_chi2"] > 1.2 for r in records]))
@@ -108,8 +117,7 @@ def plot_map(records, summary, path, title):
     keys = ("r_ein", "theta_E", "gamma", "q")
     fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), constrained_layout=True)
     for ax, k in zip(axes, keys):
-        rel = 100 * np.array([(r["params"][k]["map"] - r["params"][k]["truth"])
-                              / abs(r["params"][k]["truth"]) for r in records])
+        rel = 100 * relative_map_errors(records, k)
         ax.hist(np.clip(rel, -10, 10), bins=np.linspace(-10, 10, 41))
         ax.axvspan(-1, 1, color="g", alpha=0.12)
         s = summary[k]
@@ -181,8 +189,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32, help="number of mocks (seeds 0..n-1)")
     ap.add_argument("--first", type=int, default=0,
-                    help="fit only seeds first..n-1 (split a study over processes sharing --out; "
-                         "a run with --first 0 then collects every finished chunk)")
+                    help="skip the chunks that end before seed FIRST (split a study over "
+                         "processes sharing --out, at a multiple of --chunk; a run with --first 0 "
+                         "then collects every finished chunk)")
     ap.add_argument("--chunk", type=int, default=16, help="lenses fitted and sampled together")
     ap.add_argument("--source", choices=("sersic", "vae", "galaxy"), default="sersic",
                     help="mock sources: a Sersic stamp, VAE decodes, or the held-out real "
