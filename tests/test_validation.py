@@ -61,3 +61,27 @@ def test_coverage_summary_counts_truths_inside_intervals(coverage):
     assert s["r_ein"]["cover68"] == pytest.approx(0.25)
     assert s["r_ein"]["cover95"] == pytest.approx(0.75)
     assert np.isclose(s["gamma"]["median_abs_rel_bias"], 0.0)
+
+
+def test_compare_records_pairs_seeds_and_derives_theta_e():
+    spec = importlib.util.spec_from_file_location("compare_records",
+                                                  SCRIPT.with_name("compare_records.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def record(seed, r_ein, q, log_post):
+        return dict(seed=seed, galaxy=seed % 7, reduced_chi2=1.0, log_posterior=log_post,
+                    params=dict(r_ein=dict(truth=1.5, map=r_ein), q=dict(truth=0.64, map=q),
+                                gamma=dict(truth=2.0, map=2.02)))
+
+    # r_ein +10% with q -17.36% keeps theta_E = sqrt(q) r_ein at the truth (1.1^2 * 0.8264 = 1)
+    a = [record(0, 1.65, 0.64 / 1.21, 100.0), record(1, 1.5, 0.64, 50.0), record(5, 1.0, 0.5, 0.0)]
+    b = [record(1, 1.53, 0.64, 40.0), record(0, 1.5, 0.64, 130.0)]
+    rows, (med_a, med_b) = module.compare(a, b)
+    assert [row[0] for row in rows] == [0, 1]                 # seed 5 is in one run only
+    seed0 = rows[0]
+    assert seed0[2]["r_ein"] == pytest.approx(10.0)
+    assert seed0[2]["theta_E"] == pytest.approx(0.0, abs=1e-9)
+    assert seed0[2]["gamma"] == pytest.approx(1.0)
+    assert seed0[6] == pytest.approx(30.0) and rows[1][6] == pytest.approx(-10.0)
+    assert med_a["r_ein"] == pytest.approx(5.0) and med_b["r_ein"] == pytest.approx(1.0)

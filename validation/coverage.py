@@ -199,12 +199,17 @@ def main(argv=None):
     ap.add_argument("--fit-source", choices=("sersic", "vae"), default=None,
                     help="source model of the fits (default: the mock's; vae for galaxy)")
     ap.add_argument("--cosmos-root", default="../shared/data/hst_galaxy_stamps")
+    ap.add_argument("--apodise", action="store_true",
+                    help="taper the real galaxies to zero at their stamp edge (no square cut)")
     ap.add_argument("--npix", type=int, default=64)
     ap.add_argument("--pixel-scale", type=float, default=0.12)
     ap.add_argument("--psf-sigma", type=float, default=0.12)
     ap.add_argument("--noise-sigma", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--restarts", type=int, default=4)
+    ap.add_argument("--no-source-start", action="store_true",
+                    help="VAE fits: no extra MAP start from the source encoded off the arcs (the "
+                         "batched MAP before 2026-11-24; section 3 of docs/validation.md)")
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--sampler", choices=("hmc", "laplace"), default="hmc",
@@ -219,7 +224,7 @@ def main(argv=None):
     if args.source == "galaxy":
         from difflens.datasets.mocks import held_out_galaxies
 
-        galaxies, ident = held_out_galaxies(args.cosmos_root)
+        galaxies, ident = held_out_galaxies(args.cosmos_root, apodise=args.apodise)
         print(f"{len(galaxies)} held-out galaxies: {', '.join(ident)}", flush=True)
     out = Path(args.out)
     (out / "chunks").mkdir(parents=True, exist_ok=True)
@@ -240,6 +245,7 @@ def main(argv=None):
         for s, m in zip(seeds, mocks):
             m.truth["seed"] = s
         fits = fit_lenses(mocks, source=fit_source, steps=args.steps, restarts=args.restarts,
+                          encode_source=not args.no_source_start,
                           samples=args.samples, warmup=args.warmup, chains=args.chains,
                           sampler=args.sampler, seed=seeds[0])
         record = lens_record if args.samples > 0 else map_record

@@ -36,12 +36,14 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", required=True)
     ap.add_argument("--source", choices=("vae", "galaxy"), default="galaxy")
     ap.add_argument("--cosmos-root", default="../shared/data/hst_galaxy_stamps")
+    ap.add_argument("--apodise", action="store_true",
+                    help="taper the real galaxies to zero at their stamp edge (as coverage.py)")
     ap.add_argument("--npix", type=int, default=256)
     ap.add_argument("--pixel-scale", type=float, default=0.04)
     ap.add_argument("--psf-sigma", type=float, default=0.05)
     ap.add_argument("--noise-sigma", type=float, default=0.1)
     args = ap.parse_args(argv)
-    galaxies = held_out_galaxies(args.cosmos_root)[0] if args.source == "galaxy" else None
+    galaxies = held_out_galaxies(args.cosmos_root, apodise=args.apodise)[0] if args.source == "galaxy" else None
     for seed in args.seeds:
         obs = simulate_mock(seed, noise_sigma=args.noise_sigma, npix=args.npix,
                             pixel_scale=args.pixel_scale, psf_sigma=args.psf_sigma,

@@ -338,8 +338,8 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
 
 
 def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restarts=4,
-                  restart_steps=250, tol=1e-6, window=100, polish_steps=300, chunk=64, seed=0,
-                  progress=True) -> list:
+                  restart_steps=250, tol=1e-6, window=100, polish_steps=300, encode_source=True,
+                  chunk=64, seed=0, progress=True) -> list:
     """MAP fits of many observations at once: each Adam step is one batched likelihood call.
 
     The same schedule as :func:`fit_map` (data-driven restarts, the best continued with a
@@ -357,6 +357,11 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
         Same grid, PSF, source and priors (see :meth:`LensModel.stack`); data and noise differ.
     steps, lr, lr_final_fraction, restarts, restart_steps, tol, window, polish_steps :
         As in :func:`fit_map`.
+    encode_source : bool
+        With a VAE source, as in :func:`fit_map`: one more short run per lens from the source
+        read off its arcs through its best restart's lens (placement, encoder latent,
+        amplitude; :func:`difflens.infer.initialise.source_from_arcs`), all such runs one batch;
+        each lens continues from whichever of its short runs ended lowest.
     chunk : int
         Rows per batched call (memory: ~``chunk`` x a few images; raise it on a GPU).
     seed : int
@@ -415,8 +420,13 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
     # row bookkeeping stays on the host (CPU indices index tensors on any device)
     rows = torch.arange(n_lens, device="cpu") * restarts + torch.as_tensor(final.argmin(1),
                                                                           device="cpu")
+    u = u[rows]
+    short_losses = [row.tolist() for row in final]
+    if encode_source and template.source_kind == "vae":
+        u = _encoded_source_runs(models, space, objective, u, short_losses, restart_steps, lr,
+                                 window, chunk, progress)
     final_objective = objective(LensModel.stack(models))
-    losses, u, _ = _adam_rows(final_objective, u[rows], steps, lr, lr_final_fraction, tol, window,
+    losses, u, _ = _adam_rows(final_objective, u, steps, lr, lr_final_fraction, tol, window,
                            chunk, progress, "MAP (batched)")
     if polish_steps:
         u, _ = _polish_rows(final_objective, u, polish_steps, chunk)
@@ -426,10 +436,42 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
         values = {k: v[i].detach() for k, v in sites.items()}
         history = losses[:, i]
         results.append(summarise_map(m, values, history[np.isfinite(history)],
-                                     final[i].tolist()))
+                                     short_losses[i]))
     for r in results:
         r.seconds = time.perf_counter() - clock
     return results
+
+
+def _encoded_source_runs(models, space, objective, u, short_losses, steps, lr, window, chunk,
+                         progress):
+    """The encoded-source short runs of :func:`fit_map_batch`, one batch over the lenses.
+
+    ``u`` (N, D) holds each lens's best restart; lens ``i``'s run starts there with the source
+    placement, latent and amplitude of :func:`source_from_arcs`.  Each run's loss is appended to
+    ``short_losses[i]``, and the row of ``u`` is replaced where the run ended lower.  Returns
+    the new rows."""
+    template = models[0]
+    priors, sites = template.all_priors(), template.site_names()
+    lenses, starts = [], []
+    for i, m in enumerate(models):
+        values = _row_values(space, u[i])
+        start = {k: _inside(priors[k], v) if k in priors else v
+                 for k, v in source_from_arcs(m, values).items() if k in sites}
+        if start:
+            lenses.append(i)
+            starts.append(space.flatten({**values, **start}))
+    if not lenses:
+        return u
+    stacked = LensModel.stack([models[i] for i in lenses])
+    history, runs, _ = _adam_rows(objective(stacked), torch.stack(starts), steps, lr, 0.5, 0.0,
+                                  window, chunk, progress, "MAP from the encoded sources (batched)")
+    ends = np.nanmean(history[-20:], axis=0)
+    u = u.clone()
+    for j, i in enumerate(lenses):
+        if ends[j] < min(short_losses[i]):
+            u[i] = runs[j]
+        short_losses[i].append(float(ends[j]))
+    return u
 
 
 def _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window, chunk, progress, desc):
