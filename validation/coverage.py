@@ -210,6 +210,9 @@ def main(argv=None):
     ap.add_argument("--no-source-start", action="store_true",
                     help="VAE fits: no extra MAP start from the source encoded off the arcs (the "
                          "batched MAP before 2026-11-24; section 3 of docs/validation.md)")
+    ap.add_argument("--finals", type=int, default=2,
+                    help="best short runs per lens continued to convergence (1: the batched MAP "
+                         "before 2026-11-24)")
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--sampler", choices=("hmc", "laplace"), default="hmc",
@@ -245,7 +248,7 @@ def main(argv=None):
         for s, m in zip(seeds, mocks):
             m.truth["seed"] = s
         fits = fit_lenses(mocks, source=fit_source, steps=args.steps, restarts=args.restarts,
-                          encode_source=not args.no_source_start,
+                          encode_source=not args.no_source_start, finals=args.finals,
                           samples=args.samples, warmup=args.warmup, chains=args.chains,
                           sampler=args.sampler, seed=seeds[0])
         record = lens_record if args.samples > 0 else map_record

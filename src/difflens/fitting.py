@@ -378,7 +378,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
                flux_scale="auto", supersample=1, steps=1000, restarts=4, encode_source=True,
-               chunk=64, samples=0, warmup=300, chains=4, sampler="hmc", seed=0, marginalise_amplitudes=False,
+               finals=2, chunk=64, samples=0, warmup=300, chains=4, sampler="hmc", seed=0, marginalise_amplitudes=False,
                dtype=torch.float64, device="cpu", progress=True) -> list:
     """MAP fits (and posteriors) of many observations at once, vectorised over lenses.
 
@@ -402,6 +402,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     encode_source : bool
         With a VAE source, one more short run per lens from the source read off its arcs
         (see :func:`difflens.infer.fit_map_batch`).
+    finals : int or "all"
+        Best short runs per lens continued with Adam; the highest log posterior is kept.
     chunk : int
         Lenses (x restarts) per batched likelihood call of the MAP: bounds memory.
     samples, warmup, chains : int
@@ -450,7 +452,7 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     models = [model] + [model.with_data(o.image, o.noise_sigma, o.mask)
                         for o in observations[1:]]
     results = fit_map_batch(models, steps=steps, restarts=restarts, encode_source=encode_source,
-                            chunk=chunk, seed=seed, progress=progress)
+                            finals=finals, chunk=chunk, seed=seed, progress=progress)
     posts = [None] * len(models)
     if samples > 0 and sampler == "laplace":
         posts = [sample_laplace(m, r.sample_sites(), num_samples=samples * chains, seed=seed + i)

@@ -128,3 +128,10 @@ def test_batched_map_adds_each_lens_its_own_encoded_start(vae):
         assert result.restart_losses[-1] < min(result.restart_losses[:2])
     plain = fit_map_batch([first, second], encode_source=False, **kw)
     assert [len(r.restart_losses) for r in plain] == [2, 2]
+    # the first of two finals is the single final run (rows are independent): two end higher
+    one = fit_map_batch([first, second], finals=1, **kw)
+    for a, b in zip(one, batched):
+        assert b.log_posterior >= a.log_posterior - 1e-6
+    for bad in (0, "some"):
+        with pytest.raises(ValueError, match="finals"):
+            fit_map_batch([first], finals=bad, **kw)

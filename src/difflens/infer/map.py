@@ -223,8 +223,7 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
     >>> result = fit_map(model, steps=800, restarts=2)          # doctest: +SKIP
     >>> result.lens()["r_ein"], result.reduced_chi2             # doctest: +SKIP
     """
-    if finals != "all" and not (isinstance(finals, int) and finals >= 1):
-        raise ValueError(f"finals must be an integer >= 1 or 'all', got {finals!r}")
+    _check_finals(finals)
     if steps < 1 or restarts < 1 or restart_steps < 1:
         raise ValueError("steps, restarts and restart_steps must be >= 1")
     from .hmc import FlatSites
@@ -294,6 +293,11 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
     return result
 
 
+def _check_finals(finals):
+    if finals != "all" and not (isinstance(finals, int) and finals >= 1):
+        raise ValueError(f"finals must be an integer >= 1 or 'all', got {finals!r}")
+
+
 def _map_objective(space, model):
     """``rows -> potential`` for :func:`_adam_rows` with one observation: every row is a
     parameter set of the same ``model``; the potential is the negative log posterior of the
@@ -339,7 +343,7 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
 
 def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restarts=4,
                   restart_steps=250, tol=1e-6, window=100, polish_steps=300, encode_source=True,
-                  chunk=64, seed=0, progress=True) -> list:
+                  finals=2, chunk=64, seed=0, progress=True) -> list:
     """MAP fits of many observations at once: each Adam step is one batched likelihood call.
 
     The same schedule as :func:`fit_map` (data-driven restarts, the best continued with a
@@ -360,8 +364,15 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
     encode_source : bool
         With a VAE source, as in :func:`fit_map`: one more short run per lens from the source
         read off its arcs through its best restart's lens (placement, encoder latent,
-        amplitude; :func:`difflens.infer.initialise.source_from_arcs`), all such runs one batch;
-        each lens continues from whichever of its short runs ended lowest.
+        amplitude; :func:`difflens.infer.initialise.source_from_arcs`), all such runs one batch.
+    finals : int or "all"
+        As in :func:`fit_map`: each lens continues its ``finals`` best short runs with Adam (all
+        lenses' rows one batch) and keeps the one with the highest log posterior for the polish.
+        The default 2 because the short runs' order predicts the final poorly: on 28 256x256
+        mocks with real-galaxy sources, continuing only the best short run ended 15 and 162
+        nats lower on 2 of the first 10 lenses once the encoded start was among the runs
+        (docs/validation.md, section 3b).  Rows are nearly free on a GPU; on a CPU each extra
+        final costs one more final Adam run per lens.
     chunk : int
         Rows per batched call (memory: ~``chunk`` x a few images; raise it on a GPU).
     seed : int
@@ -387,6 +398,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
         raise ValueError("fit_map_batch needs at least one model")
     if steps < 1 or restarts < 1 or restart_steps < 1 or chunk < 1:
         raise ValueError("steps, restarts, restart_steps and chunk must be >= 1")
+    _check_finals(finals)
     n_lens = len(models)
     clock = time.perf_counter()
     pyro.set_rng_seed(seed)
@@ -417,39 +429,46 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
                            restart_steps, lr, 0.5, 0.0, window, chunk, progress,
                            "MAP restarts (batched)")
     final = np.nanmean(losses[-20:], axis=0).reshape(n_lens, restarts)
-    # row bookkeeping stays on the host (CPU indices index tensors on any device)
-    rows = torch.arange(n_lens, device="cpu") * restarts + torch.as_tensor(final.argmin(1),
-                                                                          device="cpu")
-    u = u[rows]
-    short_losses = [row.tolist() for row in final]
+    # each lens's short runs as (loss, row); row bookkeeping stays on the host
+    runs = [[(float(final[i, r]), u[i * restarts + r]) for r in range(restarts)]
+            for i in range(n_lens)]
     if encode_source and template.source_kind == "vae":
-        u = _encoded_source_runs(models, space, objective, u, short_losses, restart_steps, lr,
-                                 window, chunk, progress)
-    final_objective = objective(LensModel.stack(models))
-    losses, u, _ = _adam_rows(final_objective, u, steps, lr, lr_final_fraction, tol, window,
-                           chunk, progress, "MAP (batched)")
+        best = torch.stack([min(lens_runs, key=lambda run: run[0])[1] for lens_runs in runs])
+        for i, run in _encoded_source_runs(models, space, objective, best, restart_steps, lr,
+                                           window, chunk, progress).items():
+            runs[i].append(run)
+    # the best ``finals`` short runs of every lens continued to convergence, one batch
+    chosen = [sorted(lens_runs, key=lambda run: run[0])[:None if finals == "all" else finals]
+              for lens_runs in runs]
+    owner = [i for i, lens_runs in enumerate(chosen) for _ in lens_runs]
+    losses, u, end = _adam_rows(objective(LensModel.stack([models[i] for i in owner])),
+                                torch.stack([row for lens_runs in chosen for _, row in lens_runs]),
+                                steps, lr, lr_final_fraction, tol, window, chunk, progress,
+                                "MAP (batched)")
+    end = end.cpu()
+    keep = [min((j for j, o in enumerate(owner) if o == i), key=lambda j: float(end[j]))
+            for i in range(n_lens)]
+    u, losses = u[keep], losses[:, keep]
     if polish_steps:
-        u, _ = _polish_rows(final_objective, u, polish_steps, chunk)
+        u, _ = _polish_rows(objective(LensModel.stack(models)), u, polish_steps, chunk)
     sites = space.constrained(u)
     results = []
     for i, m in enumerate(models):
         values = {k: v[i].detach() for k, v in sites.items()}
         history = losses[:, i]
         results.append(summarise_map(m, values, history[np.isfinite(history)],
-                                     short_losses[i]))
+                                     [loss for loss, _ in runs[i]]))
     for r in results:
         r.seconds = time.perf_counter() - clock
     return results
 
 
-def _encoded_source_runs(models, space, objective, u, short_losses, steps, lr, window, chunk,
-                         progress):
+def _encoded_source_runs(models, space, objective, u, steps, lr, window, chunk, progress):
     """The encoded-source short runs of :func:`fit_map_batch`, one batch over the lenses.
 
     ``u`` (N, D) holds each lens's best restart; lens ``i``'s run starts there with the source
-    placement, latent and amplitude of :func:`source_from_arcs`.  Each run's loss is appended to
-    ``short_losses[i]``, and the row of ``u`` is replaced where the run ended lower.  Returns
-    the new rows."""
+    placement, latent and amplitude of :func:`source_from_arcs`.  Returns ``{i: (loss, row)}``
+    for the lenses whose arcs gave a start (mean loss of the last 20 steps, final row)."""
     template = models[0]
     priors, sites = template.all_priors(), template.site_names()
     lenses, starts = [], []
@@ -461,17 +480,12 @@ def _encoded_source_runs(models, space, objective, u, short_losses, steps, lr, w
             lenses.append(i)
             starts.append(space.flatten({**values, **start}))
     if not lenses:
-        return u
+        return {}
     stacked = LensModel.stack([models[i] for i in lenses])
-    history, runs, _ = _adam_rows(objective(stacked), torch.stack(starts), steps, lr, 0.5, 0.0,
+    history, rows, _ = _adam_rows(objective(stacked), torch.stack(starts), steps, lr, 0.5, 0.0,
                                   window, chunk, progress, "MAP from the encoded sources (batched)")
     ends = np.nanmean(history[-20:], axis=0)
-    u = u.clone()
-    for j, i in enumerate(lenses):
-        if ends[j] < min(short_losses[i]):
-            u[i] = runs[j]
-        short_losses[i].append(float(ends[j]))
-    return u
+    return {i: (float(ends[j]), rows[j]) for j, i in enumerate(lenses)}
 
 
 def _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window, chunk, progress, desc):
