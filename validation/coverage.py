@@ -223,6 +223,7 @@ def main(argv=None):
     ap.add_argument("--out", default="validation/output/coverage")
     args = ap.parse_args(argv)
     fit_source = args.fit_source or ("vae" if args.source == "galaxy" else args.source)
+    source_name = args.source + (" (apodised)" if args.apodise and args.source == "galaxy" else "")
     galaxies = None
     if args.source == "galaxy":
         from difflens.datasets.mocks import held_out_galaxies
@@ -264,7 +265,7 @@ def main(argv=None):
         summary.update(settings=vars(args), seconds=time.perf_counter() - t0)
         (out / "bias.json").write_text(json.dumps(summary, indent=1))
         plot_map(records, summary, out / "bias.png",
-                 f"MAP errors of {summary['n']} mocks, {args.source} source (fit: {fit_source}), "
+                 f"MAP errors of {summary['n']} mocks, {source_name} source (fit: {fit_source}), "
                  f"{args.npix}x{args.npix} at {args.pixel_scale}\", noise {args.noise_sigma}, "
                  f"median S/N {summary['median_snr']:.0f}")
         print(json.dumps({k: summary[k] for k in PARAMS + ("theta_E",)}, indent=1))
@@ -276,7 +277,7 @@ def main(argv=None):
     (out / "coverage.json").write_text(json.dumps(summary, indent=1))
     sampled = (f"{args.chains} chains x {args.samples} draws" if args.sampler == "hmc" else
                f"Laplace approximation, {args.chains * args.samples} draws")
-    title = (f"{summary['n']} mocks, {args.source} source (fit: {fit_source}), {args.npix}x{args.npix} at "
+    title = (f"{summary['n']} mocks, {source_name} source (fit: {fit_source}), {args.npix}x{args.npix} at "
              f"{args.pixel_scale}\", noise {args.noise_sigma}; {sampled}")
     plot(records, summary, out / "coverage.png", title)
     print(json.dumps({k: summary[k] for k in PARAMS}, indent=1))
