@@ -377,7 +377,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 
 
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
-               flux_scale="auto", supersample=1, steps=1000, restarts=4, encode_source=True,
+               flux_scale="auto", supersample=1, steps=1000, restarts=8, encode_source=True,
                finals=2, chunk=64, samples=0, warmup=300, chains=4, sampler="hmc", seed=0, marginalise_amplitudes=False,
                dtype=torch.float64, device="cpu", progress=True) -> list:
     """MAP fits (and posteriors) of many observations at once, vectorised over lenses.
@@ -398,7 +398,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
         Centre of the amplitude priors, shared by all lenses; "auto" takes the median of
         :func:`data_flux_scale` over the observations.
     steps, restarts : int
-        Adam steps of the final run and restarts per lens (all lenses' restarts run as one batch).
+        Adam steps of the final run and restarts per lens (all lenses' restarts run as one batch;
+        default 8, see :func:`difflens.infer.fit_map_batch`).
     encode_source : bool
         With a VAE source, one more short run per lens from the source read off its arcs
         (see :func:`difflens.infer.fit_map_batch`).
