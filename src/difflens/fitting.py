@@ -378,8 +378,9 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
                flux_scale="auto", supersample=1, steps=1000, restarts=8, encode_source=True,
-               finals=2, chunk=64, samples=0, warmup=300, chains=4, sampler="hmc", seed=0, marginalise_amplitudes=False,
-               dtype=torch.float64, device="cpu", progress=True) -> list:
+               finals=2, chunk=64, samples=0, warmup=300, chains=4, sampler="hmc", seed=0,
+               marginalise_amplitudes=False, dtype=torch.float64, device="cpu",
+               progress=True) -> list:
     """MAP fits (and posteriors) of many observations at once, vectorised over lenses.
 
     The MAP is :func:`difflens.infer.fit_map_batch`; with ``samples > 0`` the posteriors follow

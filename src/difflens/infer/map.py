@@ -377,7 +377,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
         lenses' rows one batch) and keeps the one with the highest log posterior for the polish.
         The default 2 because the short runs' order predicts the final poorly: on 28 256x256
         mocks with real-galaxy sources, continuing only the best short run ended 15 and 162
-        nats lower on 2 of the first 10 lenses once the encoded start was among the runs
+        nats lower on 2 of 14 lenses once the encoded start was among the runs
         (docs/validation.md, section 3b).  Rows are nearly free on a GPU; on a CPU each extra
         final costs one more final Adam run per lens.
     chunk : int
@@ -452,9 +452,11 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
                                 torch.stack([row for lens_runs in chosen for _, row in lens_runs]),
                                 steps, lr, lr_final_fraction, tol, window, chunk, progress,
                                 "MAP (batched)")
-    end = end.cpu()
-    keep = [min((j for j, o in enumerate(owner) if o == i), key=lambda j: float(end[j]))
-            for i in range(n_lens)]
+    best = {}                                       # lens -> its row with the lowest end
+    for j, (i, loss) in enumerate(zip(owner, end.tolist())):
+        if i not in best or loss < best[i][0]:
+            best[i] = (loss, j)
+    keep = [best[i][1] for i in range(n_lens)]
     u, losses = u[keep], losses[:, keep]
     if polish_steps:
         u, _ = _polish_rows(objective(LensModel.stack(models)), u, polish_steps, chunk)
