@@ -76,6 +76,9 @@ def test_simulate_then_fit_round_trip(tmp_path, capsys):
     (["fit", "{obs}", "--noise-sigma", "0.1", "--cutout", "40"], "cutout size"),
     (["fit", "{obs}", "--noise-sigma", "0.1", "--sampler", "nuts", "--checkpoint", "{junk}"],
      "sampler='hmc' only"),
+    (["fit", "{obs}", "--noise-sigma", "0.1", "--source-correction", "-0.05"],
+     "source correction sigma must be a positive"),
+    (["fit", "{obs}", "--noise-sigma", "0.1", "--source-correction", "0.05"], "needs the VAE"),
 ])
 def test_fit_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, args, message):
     from astropy.io import fits
@@ -179,6 +182,20 @@ def test_fit_finals_accepts_a_count_or_all():
     assert finals() == 1 and finals("--finals", "3") == 3 and finals("--finals", "all") == "all"
     with pytest.raises(SystemExit):
         finals("--finals", "most")
+
+
+def test_fit_source_correction_options():
+    from difflens.cli import _correction, build_parser
+
+    def correction(*extra):
+        return _correction(build_parser().parse_args(["fit", "image.fits", "--out", "fit",
+                                                      *extra]))
+
+    assert correction() is None
+    default = correction("--source-correction", "0.05")
+    assert (default.sigma, default.pixels) == (0.05, 64)
+    coarse = correction("--source-correction", "0.1", "--correction-pixels", "32")
+    assert (coarse.sigma, coarse.pixels, coarse.size) == (0.1, 32, 1024)
 
 
 def test_fit_sampler_choices_include_laplace():

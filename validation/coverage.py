@@ -213,6 +213,9 @@ def main(argv=None):
     ap.add_argument("--finals", type=int, default=2,
                     help="best short runs per lens continued to convergence (1: the batched MAP "
                          "before 2026-11-24)")
+    ap.add_argument("--source-correction", type=float, default=None, metavar="SIGMA",
+                    help="fit the VAE source with a pixelated correction of this prior sd "
+                         "(stamp units, 64x64 grid; fit_lenses(source_correction=))")
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--sampler", choices=("hmc", "laplace"), default="hmc",
@@ -224,6 +227,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     fit_source = args.fit_source or ("vae" if args.source == "galaxy" else args.source)
     source_name = args.source + (" (apodised)" if args.apodise and args.source == "galaxy" else "")
+    fit_label = fit_source + (f" + correction {args.source_correction}"
+                              if args.source_correction is not None else "")
     galaxies = None
     if args.source == "galaxy":
         from difflens.datasets.mocks import held_out_galaxies
@@ -251,7 +256,8 @@ def main(argv=None):
         fits = fit_lenses(mocks, source=fit_source, steps=args.steps, restarts=args.restarts,
                           encode_source=not args.no_source_start, finals=args.finals,
                           samples=args.samples, warmup=args.warmup, chains=args.chains,
-                          sampler=args.sampler, seed=seeds[0])
+                          sampler=args.sampler, source_correction=args.source_correction,
+                          seed=seeds[0])
         record = lens_record if args.samples > 0 else map_record
         chunk = [record(m, f) for m, f in zip(mocks, fits)]
         tmp = done.with_suffix(".tmp")
@@ -265,7 +271,7 @@ def main(argv=None):
         summary.update(settings=vars(args), seconds=time.perf_counter() - t0)
         (out / "bias.json").write_text(json.dumps(summary, indent=1))
         plot_map(records, summary, out / "bias.png",
-                 f"MAP errors of {summary['n']} mocks, {source_name} source (fit: {fit_source}), "
+                 f"MAP errors of {summary['n']} mocks, {source_name} source (fit: {fit_label}), "
                  f"{args.npix}x{args.npix} at {args.pixel_scale}\", noise {args.noise_sigma}, "
                  f"median S/N {summary['median_snr']:.0f}")
         print(json.dumps({k: summary[k] for k in PARAMS + ("theta_E",)}, indent=1))
@@ -277,7 +283,8 @@ def main(argv=None):
     (out / "coverage.json").write_text(json.dumps(summary, indent=1))
     sampled = (f"{args.chains} chains x {args.samples} draws" if args.sampler == "hmc" else
                f"Laplace approximation, {args.chains * args.samples} draws")
-    title = (f"{summary['n']} mocks, {source_name} source (fit: {fit_source}), {args.npix}x{args.npix} at "
+    title = (f"{summary['n']} mocks, {source_name} source (fit: {fit_label}), "
+             f"{args.npix}x{args.npix} at "
              f"{args.pixel_scale}\", noise {args.noise_sigma}; {sampled}")
     plot(records, summary, out / "coverage.png", title)
     print(json.dumps({k: summary[k] for k in PARAMS}, indent=1))

@@ -1,6 +1,7 @@
 """Is the truth the posterior mode?  Fit mocks starting from their true lens (issue 7, section 3).
 
     python validation/from_truth.py --source galaxy --seeds 0 7 11 16 18 [--apodise]
+        [--source-correction 0.05 [--correction-pixels 64]]
 
 Each mock is the one ``validation/coverage.py`` fits for that seed (256x256 at 0.04", PSF
 0.05", noise 0.1 unless told otherwise).  Two stages:
@@ -17,8 +18,10 @@ Each mock is the one ``validation/coverage.py`` fits for that seed (256x256 at 0
 Compare with the study's MAP for the same seed (``records.json``): if the study's log posterior
 exceeds stage 1's by many nats, the posterior mode itself is away from the truth (e.g. a source
 model that cannot draw the galaxy), and stage 2 shows where it goes; a higher stage-2 value than
-the study's means the study's search missed.  Prints one JSON line per seed: the log posterior of
-both stages, stage 2's reduced chi^2 and its relative errors (%) of r_ein, gamma, q and
+the study's means the study's search missed.  With ``--source-correction SIGMA`` the fitted
+source is the VAE stamp plus a pixelated correction (``build_model(source_correction=)``).
+Prints one JSON line per seed: the log posterior of both stages, stage 2's reduced chi^2 and its
+relative errors (%) of r_ein, gamma, q and
 theta_E = sqrt(q) r_ein.
 """
 import argparse
@@ -32,6 +35,7 @@ from difflens.fitting import build_model
 from difflens.infer import fit_map
 from difflens.infer.map import summarise_map
 from difflens.model import q_phi_to_ellipticity
+from difflens.sources.correction import PixelCorrection
 
 
 LENS_SITES = ("r_ein", "e1", "e2", "gamma", "x0", "y0", "g1", "g2")
@@ -53,12 +57,17 @@ def main(argv=None):
     ap.add_argument("--cosmos-root", default="../shared/data/hst_galaxy_stamps")
     ap.add_argument("--apodise", action="store_true",
                     help="taper the real galaxies to zero at their stamp edge (as coverage.py)")
+    ap.add_argument("--source-correction", type=float, default=None, metavar="SIGMA",
+                    help="fit with a pixelated correction of the VAE stamp (prior sd, stamp units)")
+    ap.add_argument("--correction-pixels", type=int, default=64, metavar="N")
     ap.add_argument("--npix", type=int, default=256)
     ap.add_argument("--pixel-scale", type=float, default=0.04)
     ap.add_argument("--psf-sigma", type=float, default=0.05)
     ap.add_argument("--noise-sigma", type=float, default=0.1)
     args = ap.parse_args(argv)
     galaxies = held_out_galaxies(args.cosmos_root, apodise=args.apodise)[0] if args.source == "galaxy" else None
+    correction = (PixelCorrection(args.source_correction, args.correction_pixels)
+                  if args.source_correction is not None else None)
     for seed in args.seeds:
         obs = simulate_mock(seed, noise_sigma=args.noise_sigma, npix=args.npix,
                             pixel_scale=args.pixel_scale, psf_sigma=args.psf_sigma,
@@ -66,7 +75,7 @@ def main(argv=None):
         t = obs.truth
         start = truth_start(t)
         lens_sites = {k: float(start[k]) for k in LENS_SITES}
-        model = build_model(obs, source="vae")
+        model = build_model(obs, source="vae", source_correction=correction)
         held = fit_map(model.with_fixed(lens_sites), init=start, restarts=1, seed=0,
                        progress=False)
         at_truth = {**held.sample_sites(),

@@ -78,6 +78,15 @@ def _cmd_simulate(args):
                                                     "g1", "g2")))
 
 
+def _correction(args):
+    """``--source-correction SIGMA --correction-pixels N`` as fit_lens's ``source_correction``."""
+    if args.source_correction is None:
+        return None
+    from .sources.correction import PixelCorrection
+
+    return PixelCorrection(sigma=args.source_correction, pixels=args.correction_pixels)
+
+
 def _cmd_fit(args):
     from .datasets.observation import read_observation
     from .fitting import fit_lens
@@ -99,7 +108,8 @@ def _cmd_fit(args):
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler,
                    sample_lens_light=not args.hold_lens_light, hold=args.hold or (),
                    seed=args.seed, init=args.init_from, checkpoint=args.checkpoint,
-                   marginalise_amplitudes=args.marginalise_amplitudes, device=args.device)
+                   marginalise_amplitudes=args.marginalise_amplitudes,
+                   source_correction=_correction(args), device=args.device)
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
@@ -202,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--marginalise-amplitudes", action="store_true",
                    help="integrate source and lens-light amplitudes out analytically instead "
                         "of sampling them")
+    p.add_argument("--source-correction", type=float, default=None, metavar="SIGMA",
+                   help="add a pixelated correction to the VAE stamp with this prior sd (stamp "
+                        "units; 0.05 is a good start) for what the VAE cannot draw")
+    p.add_argument("--correction-pixels", type=int, default=64, metavar="N",
+                   help="side of the source correction's grid (default 64)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the MAP from an earlier fit's summary.json (or its folder)")
     p.add_argument("--coolest", action="store_true",

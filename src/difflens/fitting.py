@@ -21,6 +21,7 @@ from .infer import MAPResult, Posterior, fit_map, sample_laplace, sample_posteri
 from .lensing import to_lenstronomy_epl
 from .model import LensModel, Priors, q_phi_to_ellipticity
 from .simulate import LENS_PARAMS, Simulator
+from .sources.correction import PixelCorrection
 
 
 
@@ -54,7 +55,7 @@ def data_flux_scale(obs: Observation) -> float:
 
 def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=None,
                 lens_light=0, flux_scale="auto", supersample=1, marginalise_amplitudes=False,
-                dtype=torch.float64, device="cpu") -> LensModel:
+                source_correction=None, dtype=torch.float64, device="cpu") -> LensModel:
     """The :class:`LensModel` of an observation (grid and PSF taken from it).
 
     Parameters
@@ -76,6 +77,11 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         them (:meth:`Priors.with_amplitudes_marginalised`): fewer, better-behaved directions
         for the sampler; their values are reported at the conditional mean (MAP) and drawn
         per posterior draw.
+    source_correction : float or PixelCorrection, optional
+        Give the VAE stamp a pixelated correction (:meth:`Priors.with_source_correction`): a
+        number is its prior sd in stamp units on a 64 x 64 grid, a
+        :class:`~difflens.sources.correction.PixelCorrection` sets both.  For sources the VAE
+        cannot draw (real galaxies with clumps); docs/fitting.md.
     dtype : torch.dtype
         Of every model tensor (float64 default; float32 halves memory and time, see
         docs/benchmarks.md for its accuracy).
@@ -92,6 +98,8 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
     """
     src = _source_model(source)
     kind = "sersic" if isinstance(src, str) else "vae"
+    if source_correction is not None and kind != "vae":
+        raise ValueError("a source correction needs the VAE source, not a Sersic profile")
     if isinstance(priors, Priors):
         # a Priors object already holds the light components and amplitude scale: refuse to
         # ignore a count or scale given beside it
@@ -108,6 +116,10 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         pri = Priors.preset(priors, kind, lens_light=lens_light, flux_scale=scale)
     if marginalise_amplitudes:
         pri = pri.with_amplitudes_marginalised()
+    if source_correction is not None:
+        corr = source_correction
+        pri = (pri.with_source_correction(corr.sigma, corr.pixels)
+               if isinstance(corr, PixelCorrection) else pri.with_source_correction(corr))
     if obs.psf is None and psf_sigma is None:
         raise ValueError("the observation has no PSF: give psf_sigma (arcsec) or a PSF kernel")
     if not (isinstance(supersample, int) and supersample >= 1):
@@ -157,7 +169,7 @@ class LensFit:
         m = self.map
         out = {"map": {k: float(m.params[k]) for k in LENS_PARAMS}}
         for k, v in m.params.items():
-            if k.startswith(("src_", "light")):
+            if k.startswith(("src_", "light")) and v.numel() == 1:   # not src_correction
                 out["map"][k] = float(v)
         if "z" in m.params:
             out["map"]["z"] = m.params["z"].cpu().numpy().round(6).tolist()
@@ -168,6 +180,9 @@ class LensFit:
         out["log_posterior"] = m.log_posterior
         out["n_pixels"] = self.model.n_pixels
         out["device"] = str(self.model.device)
+        corr = self.model.priors.source_correction
+        if corr is not None:
+            out["source_correction"] = {"sigma": corr.sigma, "pixels": corr.pixels}
         out["seconds"] = {"map": round(m.seconds, 2) if np.isfinite(m.seconds) else None}
         if self.posterior is not None:
             out["posterior"] = self.posterior.summary()
@@ -310,8 +325,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
              flux_scale="auto", supersample=1, steps=400, restarts=4, finals=1,
              encode_source=True, samples=0, warmup=200,
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
-             marginalise_amplitudes=False, dtype=torch.float64, device="cpu", progress=True,
-             init=None, checkpoint=None) -> LensFit:
+             marginalise_amplitudes=False, source_correction=None, dtype=torch.float64,
+             device="cpu", progress=True, init=None, checkpoint=None) -> LensFit:
     """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
     Parameters
@@ -323,6 +338,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         Gaussian PSF sigma in arcsec if ``obs`` has no kernel.
     lens_light, flux_scale, supersample, marginalise_amplitudes, dtype, device :
         See :func:`build_model`; ``device="cuda"`` runs the whole fit on a GPU.
+    source_correction : float or PixelCorrection, optional
+        A pixelated correction of the VAE stamp (:func:`build_model`).
     steps, restarts, finals, encode_source : MAP settings (see :func:`difflens.infer.fit_map`)
     samples, warmup, chains : sampler settings (draws and warm-up per chain)
     sampler : "hmc" (all chains in one batched likelihood), "nuts" (Pyro, chain after chain),
@@ -361,8 +378,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         raise ValueError(f"checkpoints are kept by sampler='hmc' only, not by {sampler!r}")
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
-                        marginalise_amplitudes=marginalise_amplitudes, dtype=dtype,
-                        device=device)
+                        marginalise_amplitudes=marginalise_amplitudes,
+                        source_correction=source_correction, dtype=dtype, device=device)
     model.check_site_names(hold, "hold")           # before the MAP, not after it
     if init is not None and not isinstance(init, dict):
         init = start_from_summary(model, init)
@@ -379,8 +396,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
                flux_scale="auto", supersample=1, steps=1000, restarts=8, encode_source=True,
                finals=2, chunk=64, samples=0, warmup=300, chains=4, sampler="hmc", seed=0,
-               marginalise_amplitudes=False, dtype=torch.float64, device="cpu",
-               progress=True) -> list:
+               marginalise_amplitudes=False, source_correction=None, dtype=torch.float64,
+               device="cpu", progress=True) -> list:
     """MAP fits (and posteriors) of many observations at once, vectorised over lenses.
 
     The MAP is :func:`difflens.infer.fit_map_batch`; with ``samples > 0`` the posteriors follow
@@ -395,6 +412,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     observations : list of Observation
     source, priors, psf_sigma, lens_light, supersample, marginalise_amplitudes, dtype, device :
         As in :func:`build_model` (``device="cuda"``: every lens and chain on one GPU).
+    source_correction : float or PixelCorrection, optional
+        As in :func:`build_model`.
     flux_scale : float or "auto"
         Centre of the amplitude priors, shared by all lenses; "auto" takes the median of
         :func:`data_flux_scale` over the observations.
@@ -449,8 +468,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
         flux_scale = float(np.median([data_flux_scale(o) for o in observations]))
     model = build_model(first, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
-                        marginalise_amplitudes=marginalise_amplitudes, dtype=dtype,
-                        device=device)
+                        marginalise_amplitudes=marginalise_amplitudes,
+                        source_correction=source_correction, dtype=dtype, device=device)
     models = [model] + [model.with_data(o.image, o.noise_sigma, o.mask)
                         for o in observations[1:]]
     results = fit_map_batch(models, steps=steps, restarts=restarts, encode_source=encode_source,

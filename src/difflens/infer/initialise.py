@@ -326,8 +326,9 @@ def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
     Returns
     -------
     dict
-        ``src_x0, src_y0, src_s`` (arcsec), ``src_amp`` (image units) and ``z``; {} for a
-        Sersic source or when fewer than 5 pixels are significant.
+        ``src_x0, src_y0, src_s`` (arcsec), ``src_amp`` (image units) and ``z`` (with a zero
+        ``src_correction`` where the model has one); {} for a Sersic source or when fewer than
+        5 pixels are significant.
 
     Examples
     --------
@@ -370,4 +371,5 @@ def source_from_arcs(model: LensModel, values: dict, threshold=3.0,
             if float(amp) > 0 and (best is None or chi2 < best[0]):
                 best = (chi2, dict(src_x0=cx, src_y0=cy, z=z, src_amp=amp,
                                    src_s=model.tensor(half_width)))
-    return best[1] if best else {}
+    # a pixel correction of the source (if any) starts at zero: the stamp is the encoded decode
+    return {**model.latent_start(), **best[1]} if best else {}

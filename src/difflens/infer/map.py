@@ -230,9 +230,7 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
 
     clock = time.perf_counter()
     model.check_site_names(init or {}, "init")
-    z_init = {}
-    if model.source_kind == "vae":
-        z_init["z"] = model.z_prior.mean.clone()
+    latent_init = model.latent_start()
     pyro.set_rng_seed(seed)      # prior draws for the restarts: the same whatever ran before
     guess = initialise(model) if data_guess else {}
     gen = torch.Generator(device="cpu").manual_seed(seed)     # restart jitter, on the host
@@ -256,7 +254,7 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
 
     starts = []
     for r in range(restarts):
-        values = dict(z_init)
+        values = dict(latent_init)
         if r == 0 and init is not None:
             values.update(init)
         else:
@@ -331,7 +329,7 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
     source_image = None
     if model.source_kind == "vae":
         with torch.no_grad():
-            source_image = params["src_amp"] * model.vae.decode(params["z"])
+            source_image = params["src_amp"] * model.source_stamp(params)
     lens_light_image = model.lens_light_image(values) if model.priors.lens_light else None
     return MAPResult(params=params, loss_history=np.asarray(losses), model_image=image,
                      normalised_residuals=resid, source_image=source_image,
@@ -418,8 +416,7 @@ def fit_map_batch(models, *, steps=1000, lr=0.03, lr_final_fraction=0.02, restar
         guess = initialise(m)
         for r in range(restarts):
             values = _restart_values(m, guess, gen, jitter=r > 0)
-            if m.source_kind == "vae":
-                values["z"] = m.z_prior.mean.clone()
+            values.update(m.latent_start())
             starts.append(space.flatten(_complete(m, values)))
     u = torch.stack(starts)                                        # (n_lens * restarts, D)
 
