@@ -80,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--marginalise-amplitudes", action="store_true",
                     help="integrate source and lens-light amplitudes out analytically "
                          "(Priors.with_amplitudes_marginalised) instead of sampling them")
+    ap.add_argument("--source-correction", type=float, default=None, metavar="SIGMA",
+                    help="give the VAE source a pixelated correction with this prior sd (stamp "
+                         "units, e.g. 0.05; Priors.with_source_correction)")
     ap.add_argument("--init-from", default=None,
                     help="output folder of an earlier run: each lens's MAP starts from its "
                          "summary.json there (the other restarts still run)")
@@ -103,6 +106,8 @@ def main(argv=None):
             priors = priors.with_theta_E()
         if args.marginalise_amplitudes:
             priors = priors.with_amplitudes_marginalised()
+        if args.source_correction is not None:
+            priors = priors.with_source_correction(args.source_correction)
         # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP)
         fit = fit_lens(obs, source=args.source, priors=priors, steps=args.steps,
                        restarts=args.restarts, finals=args.finals,

@@ -58,7 +58,7 @@ def test_bad_correction_settings_are_refused():
     with pytest.raises(ValueError, match="pixels"):
         PixelCorrection(pixels=1)
     with pytest.raises(ValueError, match="1024 values"):
-        PixelCorrection().image(torch.zeros(100), 64)
+        PixelCorrection(pixels=32).image(torch.zeros(100), 64)
     sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
     with pytest.raises(ValueError, match="VAE source"):
         LensModel(torch.zeros(16, 16), 0.1, sim, source="sersic",

@@ -17,6 +17,13 @@ geometrically from ``lr`` to ``lr * lr_final_fraction``; it stops early once the
 less than ``tol`` (relative) over ``window`` steps.  Adam's fixed-size steps only approach the
 optimum, so the result is polished with L-BFGS (strong Wolfe line search), which is kept only if it
 improves the posterior.
+
+A model whose VAE source carries a pixelated correction (:meth:`difflens.model.Priors.
+with_source_correction`) is searched the same way, the correction starting at zero in every run.
+The correction removes the source-model bias of the mode but makes the posterior more rugged: on
+2 of the first 4 validation mocks this search ended 130 and 1,500 nats below the mode next to the
+true lens, and searching on the VAE source alone first, then switching the correction on, did
+worse (docs/validation.md, section 3c).  Start such fits near the lens where you can (``init``).
 """
 from __future__ import annotations
 
@@ -50,11 +57,13 @@ class MAPResult:
     normalised_residuals : Tensor (ny, nx)
         ``(data - model) / sigma`` (0 where masked).
     source_image : Tensor (64, 64) or None
-        The decoded VAE stamp ``amp * d(z)`` at the MAP (VAE sources).
+        The decoded VAE stamp ``amp * d(z)`` at the MAP (VAE sources; with its pixelated
+        correction where the model has one).
     lens_light_image : Tensor (ny, nx) or None
         The PSF-convolved lens light at the MAP (models with lens light).
     reduced_chi2 : float
-        ``chi^2 / (N_pix - N_params)`` over unmasked pixels.
+        ``chi^2 / (N_pix - N_params)`` over unmasked pixels (a source correction's pixels,
+        held by their prior, are not counted in N_params).
     log_posterior : float
     restart_losses : list of float
         Loss of each restart after its short run.
@@ -322,7 +331,9 @@ def summarise_map(model: LensModel, values: dict, losses=np.zeros(0), restart_lo
     resid = (model.data - image) / model.noise_sigma
     if model.mask is not None:
         resid = torch.where(model.mask, resid, torch.zeros_like(resid))
-    n_params = sum(int(v.numel()) for v in values.values()) + len(model.linear_sites)
+    # the source correction's pixels are held by their prior, not free parameters: not counted
+    n_params = (sum(int(v.numel()) for k, v in values.items() if k != "src_correction")
+                + len(model.linear_sites))
     chi2 = float((resid ** 2).sum())
     log_post = float(sum(site["log_prob_sum"] for site in tr.nodes.values()
                          if site["type"] == "sample" and "log_prob_sum" in site))
