@@ -81,7 +81,8 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         Give the VAE stamp a pixelated correction (:meth:`Priors.with_source_correction`): a
         number is its prior sd in stamp units on a 64 x 64 grid, a
         :class:`~difflens.sources.correction.PixelCorrection` sets both.  For sources the VAE
-        cannot draw (real galaxies with clumps); docs/fitting.md.
+        cannot draw (real galaxies with clumps).  Experimental: from a start near the lens, not
+        for blind fits (docs/fitting.md).
     dtype : torch.dtype
         Of every model tensor (float64 default; float32 halves memory and time, see
         docs/benchmarks.md for its accuracy).

@@ -357,9 +357,9 @@ class Priors:
         ``sigma`` is in stamp units (the decoded galaxy peaks near 1).  On the nine 256x256 mocks
         with held-out real galaxies where the VAE's bias was worst, fits released from the true
         lens moved by a median 4.6% in r_ein and 4.3% in gamma without it, 0.5% and 0.15% with
-        the defaults (docs/validation.md, section 3c).  Experimental: the posterior is more
-        rugged with it, and the MAP search from scratch does not always find that mode
-        (docs/fitting.md); start near the lens where you can.
+        the defaults (docs/validation.md, section 3c).  Experimental: it also makes distant
+        modes as probable as the true one, so blind fits with it were worse, not better
+        (docs/fitting.md); use it from a start near the lens.
 
         Examples
         --------
