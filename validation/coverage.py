@@ -215,7 +215,8 @@ def main(argv=None):
                          "before 2026-11-24)")
     ap.add_argument("--source-correction", type=float, default=None, metavar="SIGMA",
                     help="fit the VAE source with a pixelated correction of this prior sd "
-                         "(stamp units, 64x64 grid; fit_lenses(source_correction=))")
+                         "(fraction of the source flux scale, 64x64 grid; "
+                         "fit_lenses(source_correction=))")
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--sampler", choices=("hmc", "laplace"), default="hmc",

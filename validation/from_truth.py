@@ -58,7 +58,8 @@ def main(argv=None):
     ap.add_argument("--apodise", action="store_true",
                     help="taper the real galaxies to zero at their stamp edge (as coverage.py)")
     ap.add_argument("--source-correction", type=float, default=None, metavar="SIGMA",
-                    help="fit with a pixelated correction of the VAE stamp (prior sd, stamp units)")
+                    help="fit with a pixelated correction of the VAE source (prior sd, a "
+                         "fraction of the source flux scale)")
     ap.add_argument("--correction-pixels", type=int, default=64, metavar="N")
     ap.add_argument("--npix", type=int, default=256)
     ap.add_argument("--pixel-scale", type=float, default=0.04)

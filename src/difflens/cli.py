@@ -213,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integrate source and lens-light amplitudes out analytically instead "
                         "of sampling them")
     p.add_argument("--source-correction", type=float, default=None, metavar="SIGMA",
-                   help="experimental: add a pixelated correction to the VAE stamp with this "
-                        "prior sd (stamp units, e.g. 0.05); use with --init-from a fit near the "
-                        "lens, not for blind fits (docs/fitting.md)")
+                   help="experimental: add a pixelated correction to the VAE source with this "
+                        "prior sd (a fraction of the source amplitude prior's median, e.g. "
+                        "0.05); use with --init-from a fit near the lens, not for blind fits "
+                        "(docs/fitting.md)")
     p.add_argument("--correction-pixels", type=int, default=64, metavar="N",
                    help="side of the source correction's grid (default 64)")
     p.add_argument("--init-from", default=None, metavar="DIR",

@@ -78,10 +78,11 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         for the sampler; their values are reported at the conditional mean (MAP) and drawn
         per posterior draw.
     source_correction : float or PixelCorrection, optional
-        Give the VAE stamp a pixelated correction (:meth:`Priors.with_source_correction`): a
-        number is its prior sd in stamp units on a 64 x 64 grid, a
-        :class:`~difflens.sources.correction.PixelCorrection` sets both.  For sources the VAE
-        cannot draw (real galaxies with clumps).  Experimental: from a start near the lens, not
+        Give the VAE source a pixelated correction (:meth:`Priors.with_source_correction`): a
+        number is its prior sd as a fraction of the source amplitude prior's median (the data's
+        flux scale), on a 64 x 64 grid; a
+        :class:`~difflens.sources.correction.PixelCorrection` sets grid and flux too.  For
+        sources the VAE cannot draw (real galaxies with clumps).  Experimental: from a start near the lens, not
         for blind fits (docs/fitting.md).
     dtype : torch.dtype
         Of every model tensor (float64 default; float32 halves memory and time, see
@@ -101,6 +102,10 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
     kind = "sersic" if isinstance(src, str) else "vae"
     if source_correction is not None and kind != "vae":
         raise ValueError("a source correction needs the VAE source, not a Sersic profile")
+    if source_correction is not None and marginalise_amplitudes:
+        raise ValueError("source_correction and marginalise_amplitudes cannot be combined: the "
+                         "correction is not scaled by the source amplitude, so that amplitude "
+                         "must be sampled")
     if isinstance(priors, Priors):
         # a Priors object already holds the light components and amplitude scale: refuse to
         # ignore a count or scale given beside it
@@ -119,7 +124,7 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         pri = pri.with_amplitudes_marginalised()
     if source_correction is not None:
         corr = source_correction
-        pri = (pri.with_source_correction(corr.sigma, corr.pixels)
+        pri = (pri.with_source_correction(corr.sigma, corr.pixels, corr.flux)
                if isinstance(corr, PixelCorrection) else pri.with_source_correction(corr))
     if obs.psf is None and psf_sigma is None:
         raise ValueError("the observation has no PSF: give psf_sigma (arcsec) or a PSF kernel")

@@ -350,26 +350,28 @@ class Priors:
                  for c in self.lens_light]
         return replace(self, lens=dict(self.lens), source=source, lens_light=light)
 
-    def with_source_correction(self, sigma=0.05, pixels=64) -> "Priors":
-        """A copy whose VAE source stamp carries a pixelated correction ``sigma * B[w]``,
+    def with_source_correction(self, sigma=0.05, pixels=64, flux=None) -> "Priors":
+        """A copy whose VAE source carries a pixelated correction ``sigma * flux * B[w]``,
         ``w ~ N(0, I)`` on a ``pixels x pixels`` grid (:mod:`difflens.sources.correction`).
 
-        ``sigma`` is in stamp units (the decoded galaxy peaks near 1).  On the nine 256x256 mocks
-        with held-out real galaxies where the VAE's bias was worst, fits released from the true
-        lens moved by a median 4.6% in r_ein and 4.3% in gamma without it, 0.5% and 0.15% with
-        the defaults (docs/validation.md, section 3c).  Experimental: it also makes distant
-        modes as probable as the true one, so blind fits with it were worse, not better
-        (docs/fitting.md); use it from a start near the lens.
+        ``sigma`` is a fraction of ``flux`` (image units), by default (None) the median of the
+        source amplitude prior: the typical peak surface brightness of the source.  The correction's
+        scale does not follow the fitted amplitude.  Experimental (docs/fitting.md): from a start
+        near the lens it removes most of the VAE's bias; blind fits with it are not yet better
+        than without (docs/validation.md, sections 3c-3d).
 
         Examples
         --------
-        >>> p = Priors.default("vae").with_source_correction(sigma=0.05, pixels=32)
-        >>> p.source_correction.size
-        1024
+        >>> p = Priors.default("vae", flux_scale=3.0).with_source_correction(sigma=0.05, pixels=32)
+        >>> p.source_correction.size, round(p.source_correction.flux, 6)
+        (1024, 3.0)
         """
+        if flux is None:
+            flux = _median_amplitude(self.source.get("amp"))
         return replace(self, lens=dict(self.lens), source=dict(self.source),
                        lens_light=[dict(c) for c in self.lens_light],
-                       source_correction=PixelCorrection(sigma=sigma, pixels=pixels))
+                       source_correction=PixelCorrection(sigma=sigma, pixels=pixels,
+                                                         flux=float(flux)))
 
     @classmethod
     def preset(cls, name: str, source="vae", **kwargs):
@@ -377,6 +379,21 @@ class Priors:
         if name not in ("default", "paper"):
             raise ValueError(f"unknown prior preset {name!r}; use 'default' or 'paper'")
         return getattr(cls, name)(source, **kwargs)
+
+
+def _median_amplitude(prior) -> float:
+    """The median of a source-amplitude prior (image units): the scale of a source correction."""
+    if isinstance(prior, (int, float)):
+        return float(prior)
+    if isinstance(prior, dist.LogNormal):
+        return math.exp(float(prior.loc))
+    if isinstance(prior, TruncatedNormal):
+        unit = dist.Normal(0.0, 1.0)
+        a, b = (unit.cdf(torch.as_tensor((x - prior.loc) / prior.scale, dtype=torch.float64))
+                for x in (prior.low, prior.high))
+        return float(prior.loc + prior.scale * unit.icdf(0.5 * (a + b)))
+    raise ValueError("give the source correction's flux (image units): the source amplitude "
+                     f"prior {prior!r} has no median to take it from")
 
 
 def _check_scale(flux_scale):
@@ -494,6 +511,11 @@ class LensModel:
         if self.priors.source_correction is not None and self.source_kind != "vae":
             raise ValueError("a source correction (Priors.with_source_correction) needs the VAE "
                              "source; this model's source is a Sersic profile")
+        if (self.priors.source_correction is not None
+                and isinstance(self.priors.source.get("amp"), LinearAmplitude)):
+            raise ValueError("a source correction needs a sampled source amplitude: its image is "
+                             "not scaled by the amplitude, so the amplitude cannot be "
+                             "integrated out (Priors.with_amplitudes_marginalised)")
         self.n_pixels = int(self.mask.sum()) if self.mask is not None else self.data.numel()
 
     @classmethod
@@ -695,12 +717,16 @@ class LensModel:
 
     def source_stamp(self, values: dict) -> torch.Tensor:
         """The VAE source stamp of site ``values`` (latent ``z`` and, when the model has one,
-        ``src_correction``; leading batch allowed): ``(..., 64, 64)``, stamp units (the source
-        amplitude not applied)."""
+        ``src_correction`` and the amplitude ``src_amp``; leading batch allowed):
+        ``(..., 64, 64)``, stamp units -- the source amplitude not applied, so the correction
+        (fixed in image units) enters divided by it."""
         stamp = self.vae.decode(values["z"])
         correction = self.priors.source_correction
         if correction is not None:
-            stamp = stamp + correction.image(values["src_correction"], stamp.shape[-1])
+            amp = values["src_amp"] if "src_amp" in values else self.priors.source["amp"]
+            amp = torch.as_tensor(amp, dtype=stamp.dtype, device=stamp.device)
+            stamp = stamp + (correction.image(values["src_correction"], stamp.shape[-1])
+                             / amp[..., None, None])
         return stamp
 
     def check_site_names(self, names, role: str):
@@ -737,7 +763,8 @@ class LensModel:
             if correction is not None:
                 values["src_correction"] = pyro.sample("src_correction",
                                                        correction.prior(values["z"]))
-            return PixelSource(self.source_stamp(values), x0=p["x0"], y0=p["y0"], s=p["s"],
+            return PixelSource(self.source_stamp({**values, "src_amp": p["amp"]}), x0=p["x0"],
+                               y0=p["y0"], s=p["s"],
                                amp=p["amp"])
         q, phi = ellipticity_to_q_phi(p["e1"], p["e2"])
         return Sersic(amp=p["amp"], r_e=p["r_e"], n=p["n"], q=q, phi=phi, x0=p["x0"], y0=p["y0"])

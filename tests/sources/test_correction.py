@@ -35,7 +35,7 @@ def test_bilinear_correction_is_exact_on_a_linear_ramp():
     """Bilinear interpolation reproduces a linear function exactly: a ramp a + b u + c v sampled
     at the n x n grid's cell centres gives sigma (a + b u + c v) at every 64 x 64 stamp pixel
     centre between the first and last coarse centres (u, v in units of the stamp width)."""
-    corr = PixelCorrection(sigma=0.07, pixels=16)
+    corr = PixelCorrection(sigma=0.07, pixels=16, flux=1.0)
     n, size = corr.pixels, 64
     coarse = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     fine = (torch.arange(size, dtype=torch.float64) + 0.5) / size
@@ -58,17 +58,39 @@ def test_bad_correction_settings_are_refused():
     with pytest.raises(ValueError, match="pixels"):
         PixelCorrection(pixels=1)
     with pytest.raises(ValueError, match="1024 values"):
-        PixelCorrection(pixels=32).image(torch.zeros(100), 64)
+        PixelCorrection(pixels=32, flux=1.0).image(torch.zeros(100), 64)
+    with pytest.raises(ValueError, match="no flux"):
+        PixelCorrection(pixels=32).image(torch.zeros(1024), 64)
+    with pytest.raises(ValueError, match="flux"):
+        PixelCorrection(flux=0.0)
     sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
     with pytest.raises(ValueError, match="VAE source"):
         LensModel(torch.zeros(16, 16), 0.1, sim, source="sersic",
                   priors=Priors.default("sersic").with_source_correction())
 
 
+def test_correction_scale_follows_the_amplitude_prior_not_the_fit(vae):
+    """The correction's flux is the median of the amplitude prior (log-normal: its exp(loc);
+    truncated normal: the median of the truncated law, checked by sampling); a model that
+    integrates the amplitude out is refused (the correction is not scaled by it)."""
+    p = Priors.default("vae", flux_scale=3.0).with_source_correction(0.1)
+    assert p.source_correction.flux == pytest.approx(3.0)
+    paper = Priors.paper("vae", flux_scale=2.0)
+    draws = paper.source["amp"].sample((200000,))
+    flux = paper.with_source_correction(0.1).source_correction.flux
+    assert flux == pytest.approx(float(draws.median()), rel=0.01)
+    assert Priors.default("vae").with_source_correction(0.1, flux=7.0).source_correction.flux == 7.0
+    sim = Simulator(npix=16, pixel_scale=0.2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sampled source amplitude"):
+        LensModel(torch.zeros(16, 16), 0.1, sim, source=vae,
+                  priors=p.with_amplitudes_marginalised())
+
+
 def test_correction_enters_the_image_linearly(vae):
     """Lensing and the PSF are linear in surface brightness: the model's image with correction
-    w minus its image with w = 0 is the image of the correction stamp alone, placed and scaled
-    like the source; w = 0 reproduces the model without a correction."""
+    w minus its image with w = 0 is the image of the correction stamp alone, placed like the
+    source but not scaled by its amplitude (1.7 here: the correction is in image units); w = 0
+    reproduces the model without a correction."""
     sim = Simulator(npix=40, pixel_scale=0.08, psf_sigma=0.1, dtype=torch.float64)
     data = torch.zeros(40, 40, dtype=torch.float64)
     plain = LensModel(data, 0.1, sim, source=vae, priors=Priors.default("vae"))
@@ -88,7 +110,7 @@ def test_correction_enters_the_image_linearly(vae):
     assert torch.allclose(zero, image(plain, {}), rtol=0, atol=1e-12)
     delta = corrected.priors.source_correction.image(w, 64)
     lens = pyro.poutine.condition(corrected._profiles, data=values)()[0]   # the model's lens
-    alone = sim.image(lens, PixelSource(delta, amp=1.7, **PLACE))
+    alone = sim.image(lens, PixelSource(delta, amp=1.0, **PLACE))
     with_w = image(corrected, {"src_correction": w})
     assert float(alone.abs().max()) > 1e-3                    # the correction is visible
     assert torch.allclose(with_w - zero, alone, rtol=0, atol=1e-10)

@@ -3,15 +3,21 @@
 The shipped VAE reconstructs held-out galaxies smoothly (model card: clumps and compact cores are
 missed), and a lens fit absorbs that mismatch into the lens: on mocks with real galaxies the
 posterior mode sits several per cent from the true lens (docs/validation.md, section 3b).  The
-correction adds a small free-form image to the decoded stamp,
+correction adds a small free-form image to the source's surface brightness,
 
-    stamp(z, w) = mu_d(z) + sigma * B[w],        w ~ N(0, I_{n^2}),
+    I_src(beta) = amp * mu_d(z)(beta') + sigma * flux * B[w](beta'),     w ~ N(0, I_{n^2}),
 
-where ``B`` interpolates the ``n x n`` grid of whitened values ``w`` bilinearly onto the decoder's
-64 x 64 stamp and ``sigma`` (stamp units: the decoded galaxies peak near 1) sets how far the
-source may leave what the VAE can draw.  The prior on ``w`` is the regularisation: ``sigma``
-small keeps the fit close to the VAE, ``n`` sets the finest structure the correction can add.
-It is sampled as the Pyro site ``src_correction`` (shape ``(..., n^2)``) beside the latent ``z``.
+(``beta'`` the position in the stamp, eq. 17) where ``B`` interpolates the ``n x n`` grid of
+whitened values ``w`` bilinearly onto the decoder's 64 x 64 stamp, ``flux`` is the typical
+source amplitude (image units; by default the median of the amplitude prior, set by
+:meth:`difflens.model.Priors.with_source_correction`) and ``sigma`` the correction's prior sd
+as a fraction of it.  The correction's scale is fixed, not multiplied by the fitted amplitude
+``amp``: scaled by ``amp`` (as before 2026-11-24) the fit could loosen the correction's prior
+by raising ``amp`` and decoding a fainter galaxy, and did (amplitudes 13-156 times the true one
+on validation mocks, the correction drawing most of the galaxy; docs/validation.md, section 3d).
+The prior on ``w`` is the regularisation: ``sigma`` small keeps the fit close to the VAE, ``n``
+sets the finest structure the correction can add.  It is sampled as the Pyro site
+``src_correction`` (shape ``(..., n^2)``) beside the latent ``z``.
 """
 from __future__ import annotations
 
@@ -29,32 +35,41 @@ class PixelCorrection:
     Parameters
     ----------
     sigma : float
-        Prior sd of the correction on its ``n x n`` grid, in stamp units (the decoded galaxy peaks
-        near 1; the source amplitude multiplies both).  Default 0.05.
+        Prior sd of the correction on its ``n x n`` grid, as a fraction of ``flux``.  Default
+        0.05.
     pixels : int
         Side ``n`` of the correction grid (>= 2); the default 64 corrects every decoder pixel,
         32 every 2 x 2 block (a coarser correction left the lens further from the truth on
         mocks with real galaxies: docs/validation.md, section 3c).
+    flux : float or None
+        Surface brightness (image units) that ``sigma`` is a fraction of, the typical peak
+        brightness of the source; > 0.  None (default): the median of the model's source
+        amplitude prior, filled in by :meth:`difflens.model.Priors.with_source_correction`.
 
     Examples
     --------
     >>> import torch
-    >>> corr = PixelCorrection(sigma=0.05, pixels=32)
+    >>> corr = PixelCorrection(sigma=0.05, pixels=32, flux=1.0)
     >>> corr.image(torch.zeros(3, corr.size), 64).shape
     torch.Size([3, 64, 64])
     """
 
     sigma: float = 0.05
     pixels: int = 64
+    flux: float | None = None
 
     def __post_init__(self):
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma)
                 and self.sigma > 0):
-            raise ValueError(f"source correction sigma must be a positive number (stamp units), "
-                             f"got {self.sigma!r}")
+            raise ValueError(f"source correction sigma must be a positive number (a fraction "
+                             f"of flux), got {self.sigma!r}")
         if not (isinstance(self.pixels, int) and self.pixels >= 2):
             raise ValueError(f"source correction pixels must be an integer >= 2, "
                              f"got {self.pixels!r}")
+        if self.flux is not None and not (isinstance(self.flux, (int, float))
+                                          and math.isfinite(self.flux) and self.flux > 0):
+            raise ValueError(f"source correction flux must be a positive number (image units), "
+                             f"got {self.flux!r}")
 
     @property
     def size(self) -> int:
@@ -70,12 +85,16 @@ class PixelCorrection:
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
     def image(self, w: torch.Tensor, size: int) -> torch.Tensor:
-        """The correction ``sigma * B[w]`` on a ``size x size`` stamp, for whitened ``w`` of shape
-        ``(..., n^2)``: returns ``(..., size, size)``, stamp units."""
+        """The correction ``sigma * flux * B[w]`` on a ``size x size`` stamp, for whitened ``w`` of
+        shape ``(..., n^2)``: returns ``(..., size, size)``, surface brightness (image units)."""
         if w.shape[-1] != self.size:
             raise ValueError(f"the source correction needs {self.size} values in its last axis "
                              f"({self.pixels} x {self.pixels}), got shape {tuple(w.shape)}")
+        if self.flux is None:
+            raise ValueError("the source correction has no flux yet (image units): give "
+                             "PixelCorrection(flux=...) or build it with "
+                             "Priors.with_source_correction")
         lead = w.shape[:-1]
         grid = w.reshape(-1, 1, self.pixels, self.pixels)
         up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
-        return self.sigma * up.reshape(*lead, size, size)
+        return (self.sigma * self.flux) * up.reshape(*lead, size, size)
