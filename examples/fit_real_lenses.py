@@ -82,7 +82,7 @@ def main(argv=None):
                          "(Priors.with_amplitudes_marginalised) instead of sampling them")
     ap.add_argument("--source-correction", type=float, default=None, metavar="SIGMA",
                     help="give the VAE source a pixelated correction with this prior sd (a "
-                         "fraction of the source flux scale, e.g. 0.05; "
+                         "fraction of the source flux scale, e.g. 0.1; "
                          "Priors.with_source_correction)")
     ap.add_argument("--init-from", default=None,
                     help="output folder of an earlier run: each lens's MAP starts from its "

@@ -1,7 +1,8 @@
 """Is the truth the posterior mode?  Fit mocks starting from their true lens (issue 7, section 3).
 
     python validation/from_truth.py --source galaxy --seeds 0 7 11 16 18 [--apodise]
-        [--source-correction 0.05 [--correction-pixels 64]]
+        [--source-correction 0.1 [--correction-pixels 64] [--correction-smoothing 1]
+         [--evidence] [--blind]]
 
 Each mock is the one ``validation/coverage.py`` fits for that seed (256x256 at 0.04", PSF
 0.05", noise 0.1 unless told otherwise).  Two stages:
@@ -23,6 +24,13 @@ source is the VAE stamp plus a pixelated correction (``build_model(source_correc
 Prints one JSON line per seed: the log posterior of both stages, stage 2's reduced chi^2 and its
 relative errors (%) of r_ein, gamma, q and
 theta_E = sqrt(q) r_ein.
+
+With ``--evidence`` (needs ``--source-correction``) each line also carries the correction
+integrated out at stage 2's mode (:func:`difflens.infer.evidence.correction_evidence`): the log
+evidence, the number of correction values the data constrain, and the evidence at other
+``sigma``.  ``--blind`` adds, per seed, the MAP of ``validation/coverage.py``'s blind search
+(lenses fitted in pairs of consecutive seeds, seeded by the first, as ``coverage.py --chunk 2``)
+with the same numbers, so the two modes can be compared by their evidence.
 """
 import argparse
 import json
@@ -31,7 +39,8 @@ import math
 import torch
 
 from difflens.datasets.mocks import held_out_galaxies, simulate_mock
-from difflens.fitting import build_model
+from difflens.fitting import build_model, fit_lenses
+from difflens.infer.evidence import correction_evidence
 from difflens.infer import fit_map
 from difflens.infer.map import summarise_map
 from difflens.model import q_phi_to_ellipticity
@@ -39,6 +48,7 @@ from difflens.sources.correction import PixelCorrection
 
 
 LENS_SITES = ("r_ein", "e1", "e2", "gamma", "x0", "y0", "g1", "g2")
+SIGMAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 
 
 def truth_start(truth):
@@ -48,6 +58,46 @@ def truth_start(truth):
                                     "src_s")}
     values.update(e1=float(e1), e2=float(e2))
     return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in values.items()}
+
+
+def fit_from_truth(model, truth):
+    """The two stages of the module doc on ``model`` (a VAE-source LensModel of the mock with
+    ``truth``): return stage 1's log posterior and stage 2's MAPResult."""
+    start = truth_start(truth)
+    lens_sites = {k: float(start[k]) for k in LENS_SITES}
+    held = fit_map(model.with_fixed(lens_sites), init=start, restarts=1, seed=0, progress=False)
+    at_truth = {**held.sample_sites(), **{k: model.tensor(v) for k, v in lens_sites.items()}}
+    stage1 = summarise_map(model, at_truth).log_posterior
+    free = fit_map(model, init=at_truth, restarts=1, encode_source=False, seed=0, progress=False)
+    return stage1, free
+
+
+def relative_errors(lens, truth):
+    """Relative errors (%) of r_ein, gamma, q and theta_E = sqrt(q) r_ein, rounded to 0.01."""
+    err = {k: round(100 * (lens[k] - truth[k]) / truth[k], 2) for k in ("r_ein", "gamma", "q")}
+    err["theta_E"] = round(100 * (math.sqrt(lens["q"]) * lens["r_ein"]
+                                  / (math.sqrt(truth["q"]) * truth["r_ein"]) - 1), 2)
+    return err
+
+
+def evidence_record(model, values):
+    """The correction integrated out at site ``values``: JSON-ready numbers."""
+    ev = correction_evidence(model, values, sigmas=SIGMAS)
+    return dict(log_evidence=round(ev.log_evidence, 1), n_constrained=round(ev.n_constrained, 1),
+                evidence_by_sigma={str(k): round(v, 1) for k, v in ev.by_sigma.items()},
+                src_amp=round(float(values["src_amp"]), 3))
+
+
+def blind_fits(mocks, seeds, correction):
+    """coverage.py's blind MAP of each mock (pairs of consecutive seeds, seeded by the first)."""
+    fits = {}
+    for i in range(0, len(seeds), 2):
+        pair = list(zip(seeds, mocks))[i:i + 2]
+        out = fit_lenses([m for _, m in pair], source="vae", steps=1000, restarts=4,
+                         encode_source=True, finals=2, samples=0, source_correction=correction,
+                         seed=pair[0][0], progress=False)
+        fits.update({s: f for (s, _), f in zip(pair, out)})
+    return fits
 
 
 def main(argv=None):
@@ -61,37 +111,45 @@ def main(argv=None):
                     help="fit with a pixelated correction of the VAE source (prior sd, a "
                          "fraction of the source flux scale)")
     ap.add_argument("--correction-pixels", type=int, default=64, metavar="N")
+    ap.add_argument("--correction-smoothing", type=float, default=0.0, metavar="S",
+                    help="Gaussian correlation of the correction, sd in grid pixels")
     ap.add_argument("--npix", type=int, default=256)
     ap.add_argument("--pixel-scale", type=float, default=0.04)
     ap.add_argument("--psf-sigma", type=float, default=0.05)
     ap.add_argument("--noise-sigma", type=float, default=0.1)
+    ap.add_argument("--evidence", action="store_true",
+                    help="also integrate the correction out at the mode (its evidence)")
+    ap.add_argument("--blind", action="store_true",
+                    help="also fit each mock blind, as coverage.py --chunk 2")
     args = ap.parse_args(argv)
-    galaxies = held_out_galaxies(args.cosmos_root, apodise=args.apodise)[0] if args.source == "galaxy" else None
-    correction = (PixelCorrection(args.source_correction, args.correction_pixels)
+    if args.evidence and args.source_correction is None:
+        ap.error("--evidence needs --source-correction")
+    galaxies = (held_out_galaxies(args.cosmos_root, apodise=args.apodise)[0]
+                if args.source == "galaxy" else None)
+    correction = (PixelCorrection(args.source_correction, args.correction_pixels,
+                                  smoothing=args.correction_smoothing)
                   if args.source_correction is not None else None)
-    for seed in args.seeds:
-        obs = simulate_mock(seed, noise_sigma=args.noise_sigma, npix=args.npix,
-                            pixel_scale=args.pixel_scale, psf_sigma=args.psf_sigma,
-                            source=args.source, galaxies=galaxies)
+    mocks = [simulate_mock(seed, noise_sigma=args.noise_sigma, npix=args.npix,
+                           pixel_scale=args.pixel_scale, psf_sigma=args.psf_sigma,
+                           source=args.source, galaxies=galaxies) for seed in args.seeds]
+    blind = blind_fits(mocks, args.seeds, correction) if args.blind else {}
+    for seed, obs in zip(args.seeds, mocks):
         t = obs.truth
-        start = truth_start(t)
-        lens_sites = {k: float(start[k]) for k in LENS_SITES}
         model = build_model(obs, source="vae", source_correction=correction)
-        held = fit_map(model.with_fixed(lens_sites), init=start, restarts=1, seed=0,
-                       progress=False)
-        at_truth = {**held.sample_sites(),
-                    **{k: model.tensor(v) for k, v in lens_sites.items()}}
-        stage1 = summarise_map(model, at_truth).log_posterior
-        free = fit_map(model, init=at_truth, restarts=1, encode_source=False, seed=0,
-                       progress=False)
-        lens = free.lens()
-        err = {k: round(100 * (lens[k] - t[k]) / t[k], 2) for k in ("r_ein", "gamma", "q")}
-        err["theta_E"] = round(100 * (math.sqrt(lens["q"]) * lens["r_ein"]
-                                      / (math.sqrt(t["q"]) * t["r_ein"]) - 1), 2)
-        print(json.dumps(dict(seed=seed, log_posterior_source_at_truth=round(stage1, 1),
-                              log_posterior_released=round(free.log_posterior, 1),
-                              reduced_chi2=round(free.reduced_chi2, 4),
-                              error_percent=err)), flush=True)
+        stage1, free = fit_from_truth(model, t)
+        record = dict(seed=seed, log_posterior_source_at_truth=round(stage1, 1),
+                      log_posterior_released=round(free.log_posterior, 1),
+                      reduced_chi2=round(free.reduced_chi2, 4),
+                      error_percent=relative_errors(free.lens(), t))
+        if args.evidence:
+            record.update(evidence_record(model, free.sample_sites()))
+        if seed in blind:
+            fit = blind[seed]
+            record["blind"] = dict(log_posterior=round(fit.map.log_posterior, 1),
+                                   error_percent=relative_errors(fit.map.lens(), t))
+            if args.evidence:
+                record["blind"].update(evidence_record(model, fit.map.sample_sites()))
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

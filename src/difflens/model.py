@@ -350,12 +350,14 @@ class Priors:
                  for c in self.lens_light]
         return replace(self, lens=dict(self.lens), source=source, lens_light=light)
 
-    def with_source_correction(self, sigma=0.05, pixels=64, flux=None) -> "Priors":
+    def with_source_correction(self, sigma=0.1, pixels=64, flux=None,
+                               smoothing=0.0) -> "Priors":
         """A copy whose VAE source carries a pixelated correction ``sigma * flux * B[w]``,
         ``w ~ N(0, I)`` on a ``pixels x pixels`` grid (:mod:`difflens.sources.correction`).
 
         ``sigma`` is a fraction of ``flux`` (image units), by default (None) the median of the
-        source amplitude prior: the typical peak surface brightness of the source.  The correction's
+        source amplitude prior: the typical peak surface brightness of the source.
+        ``smoothing`` (grid pixels) correlates neighbouring values (:class:`PixelCorrection`).  The correction's
         scale does not follow the fitted amplitude.  Experimental (docs/fitting.md): from a start
         near the lens it removes most of the VAE's bias; blind fits with it are not yet better
         than without (docs/validation.md, sections 3c-3d).
@@ -371,7 +373,7 @@ class Priors:
         return replace(self, lens=dict(self.lens), source=dict(self.source),
                        lens_light=[dict(c) for c in self.lens_light],
                        source_correction=PixelCorrection(sigma=sigma, pixels=pixels,
-                                                         flux=float(flux)))
+                                                         flux=float(flux), smoothing=smoothing))
 
     @classmethod
     def preset(cls, name: str, source="vae", **kwargs):

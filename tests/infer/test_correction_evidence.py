@@ -31,7 +31,7 @@ def _sites(model, n):
     return v
 
 
-def _model(vae, n, sigma, *, supersample=1, mask=False, noise_map=False):
+def _model(vae, n, sigma, *, supersample=1, mask=False, noise_map=False, smoothing=0.0):
     # an asymmetric PSF, so a flipped (correlation) convention would be caught
     psf = torch.tensor([[0.0, 0.05, 0.02], [0.1, 0.5, 0.15], [0.03, 0.1, 0.05]],
                        dtype=torch.float64)
@@ -42,7 +42,7 @@ def _model(vae, n, sigma, *, supersample=1, mask=False, noise_map=False):
     noise = 0.05 + 0.1 * torch.rand(12, 12, generator=gen, dtype=torch.float64) if noise_map \
         else 0.08
     m = torch.rand(12, 12, generator=gen) > 0.2 if mask else None
-    priors = Priors.default("vae").with_source_correction(sigma, pixels=n)
+    priors = Priors.default("vae").with_source_correction(sigma, pixels=n, smoothing=smoothing)
     model = LensModel(data, noise, sim, source=vae, priors=priors, mask=m)
     values = _sites(model, n)
     with torch.no_grad():   # data = the model at w = 0 plus noise-like structure: r is not tiny
@@ -73,7 +73,7 @@ def _brute_force(model, values, n):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(supersample=2),
-                                     dict(mask=True, noise_map=True)])
+                                     dict(mask=True, noise_map=True), dict(smoothing=0.8)])
 def test_evidence_matches_the_dense_gaussian_marginal(vae, options):
     n = 4
     model, values = _model(vae, n, 0.3, **options)

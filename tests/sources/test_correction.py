@@ -1,4 +1,6 @@
 """The pixelated correction of the VAE source (difflens.sources.correction)."""
+import math
+
 import pyro
 import pytest
 import torch
@@ -50,6 +52,23 @@ def test_bilinear_correction_is_exact_on_a_linear_ramp():
     assert torch.allclose(img[1], -img[0])
     # rows are y (v), columns x (u): the transposed ramp is not the answer
     assert not torch.allclose(img[0][inner][:, inner], truth.T[inner][:, inner], atol=1e-3)
+
+
+def test_smoothed_correction_has_unit_variance_and_gaussian_correlation():
+    """White w smoothed by a Gaussian of sd s (unit sum of squares): unit variance away from the
+    edges, and neighbours correlated as the kernel's autocorrelation, a Gaussian of sd s sqrt(2):
+    rho(lag) = exp(-lag^2 / (4 s^2))."""
+    s = 1.5
+    corr = PixelCorrection(sigma=1.0, pixels=48, flux=1.0, smoothing=s)
+    w = torch.randn(3000, corr.size, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    img = corr.image(w, 48)[:, 10:-10, 10:-10]        # no interpolation at 48 -> 48
+    assert float(img.var()) == pytest.approx(1.0, abs=0.02)
+    for lag in (1, 2, 3):
+        rho = float((img[:, :, lag:] * img[:, :, :-lag]).mean() / img.var())
+        assert rho == pytest.approx(math.exp(-lag ** 2 / (4 * s ** 2)), abs=0.02)
+    with pytest.raises(ValueError, match="smoothing"):
+        PixelCorrection(smoothing=-1.0)
 
 
 def test_bad_correction_settings_are_refused():

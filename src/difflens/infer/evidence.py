@@ -6,7 +6,7 @@ image is linear in the correction's whitened values ``w``:
     m(theta, w) = m0(theta) + G(theta) w,      G = sigma * flux * P S(theta) U,
 
 where ``theta`` stands for every other site (lens, latent ``z``, source placement, lens light),
-``U`` interpolates the ``n x n`` grid onto the stamp, ``S`` samples the stamp bilinearly at the
+``U`` smooths (optionally) and interpolates the ``n x n`` grid onto the stamp, ``S`` samples the stamp bilinearly at the
 ray-traced positions, and ``P`` bins sub-pixels and convolves with the PSF.  With Gaussian
 noise ``N = diag(sigma_i^2)`` and the prior ``w ~ N(0, I)``, ``w`` integrates out exactly
 (Woodbury; the "linear inversion" of pixelated-source lens modelling, Suyu et al. 2006, with a
@@ -36,7 +36,6 @@ import numpy as np
 import pyro
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 
 from ..model import LensModel
 
@@ -116,12 +115,11 @@ def _sampling_matrix(bx, by, x0, y0, s, size: int) -> sp.csr_matrix:
                          shape=(fx.size, size * size))
 
 
-def _upsampling_matrix(n: int, size: int) -> sp.csr_matrix:
-    """The bilinear ``n x n -> size x size`` interpolation of
-    :meth:`PixelCorrection.image` as a sparse ``(size^2, n^2)`` matrix."""
-    basis = torch.eye(n * n, dtype=torch.float64).reshape(n * n, 1, n, n)
-    up = F.interpolate(basis, size=(size, size), mode="bilinear", align_corners=False)
-    return sp.csr_matrix(up.reshape(n * n, size * size).T.numpy())
+def _correction_matrix(corr, size: int) -> sp.csr_matrix:
+    """:meth:`PixelCorrection.image` (smoothing, interpolation and scale; it is linear) as a
+    sparse ``(size^2, n^2)`` matrix, made by applying it to each unit vector."""
+    basis = torch.eye(corr.size, dtype=torch.float64)
+    return sp.csr_matrix(corr.image(basis, size).reshape(corr.size, size * size).T.numpy())
 
 
 def _conditioned(model: LensModel, values: dict):
@@ -147,7 +145,7 @@ def correction_response(model: LensModel, values: dict) -> sp.csr_matrix:
     blur = _psf_matrix(sim.psf, ny, nx)
     if sim.supersample > 1:
         blur = blur @ _binning_matrix(hp, wp, sim.supersample)
-    return (corr.sigma * corr.flux) * (blur @ sample @ _upsampling_matrix(corr.pixels, stamp))
+    return blur @ sample @ _correction_matrix(corr, stamp)
 
 
 def correction_evidence(model: LensModel, values: dict, sigmas=()) -> CorrectionEvidence:

@@ -36,7 +36,8 @@ class PixelCorrection:
     ----------
     sigma : float
         Prior sd of the correction on its ``n x n`` grid, as a fraction of ``flux``.  Default
-        0.05.
+        0.1, where the evidence of validation mocks with real galaxies peaked
+        (docs/validation.md, section 3d).
     pixels : int
         Side ``n`` of the correction grid (>= 2); the default 64 corrects every decoder pixel,
         32 every 2 x 2 block (a coarser correction left the lens further from the truth on
@@ -45,6 +46,12 @@ class PixelCorrection:
         Surface brightness (image units) that ``sigma`` is a fraction of, the typical peak
         brightness of the source; > 0.  None (default): the median of the model's source
         amplitude prior, filled in by :meth:`difflens.model.Priors.with_source_correction`.
+    smoothing : float
+        Gaussian correlation of the correction: ``w`` is convolved with a Gaussian of this sd (grid
+        pixels, >= 0; 0 = independent pixels, the default) normalised to unit sum of squares,
+        so each grid value keeps prior sd ``sigma * flux`` away from the edges and neighbours
+        within ~``2 * smoothing`` pixels move together: fewer effective degrees of freedom for
+        the same resolution.
 
     Examples
     --------
@@ -54,9 +61,10 @@ class PixelCorrection:
     torch.Size([3, 64, 64])
     """
 
-    sigma: float = 0.05
+    sigma: float = 0.1
     pixels: int = 64
     flux: float | None = None
+    smoothing: float = 0.0
 
     def __post_init__(self):
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma)
@@ -70,6 +78,10 @@ class PixelCorrection:
                                           and math.isfinite(self.flux) and self.flux > 0):
             raise ValueError(f"source correction flux must be a positive number (image units), "
                              f"got {self.flux!r}")
+        if not (isinstance(self.smoothing, (int, float)) and math.isfinite(self.smoothing)
+                and self.smoothing >= 0):
+            raise ValueError(f"source correction smoothing must be a number >= 0 (grid pixels), "
+                             f"got {self.smoothing!r}")
 
     @property
     def size(self) -> int:
@@ -85,8 +97,9 @@ class PixelCorrection:
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
     def image(self, w: torch.Tensor, size: int) -> torch.Tensor:
-        """The correction ``sigma * flux * B[w]`` on a ``size x size`` stamp, for whitened ``w`` of
-        shape ``(..., n^2)``: returns ``(..., size, size)``, surface brightness (image units)."""
+        """The correction ``sigma * flux * B[K * w]`` on a ``size x size`` stamp (``K`` the
+        smoothing kernel, none by default), for whitened ``w`` of shape ``(..., n^2)``: returns
+        ``(..., size, size)``, surface brightness (image units)."""
         if w.shape[-1] != self.size:
             raise ValueError(f"the source correction needs {self.size} values in its last axis "
                              f"({self.pixels} x {self.pixels}), got shape {tuple(w.shape)}")
@@ -96,5 +109,17 @@ class PixelCorrection:
                              "Priors.with_source_correction")
         lead = w.shape[:-1]
         grid = w.reshape(-1, 1, self.pixels, self.pixels)
+        if self.smoothing > 0:
+            kernel = self._kernel(grid)
+            grid = F.conv2d(grid, kernel, padding=kernel.shape[-1] // 2)
         up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
         return (self.sigma * self.flux) * up.reshape(*lead, size, size)
+
+    def _kernel(self, like: torch.Tensor) -> torch.Tensor:
+        """The smoothing kernel ``(1, 1, k, k)``: a Gaussian of sd ``smoothing`` grid pixels out
+        to 3 sd, with unit sum of squares (so white ``w`` stays unit-variance)."""
+        half = max(1, math.ceil(3 * self.smoothing))
+        x = torch.arange(-half, half + 1, dtype=like.dtype, device=like.device)
+        g = torch.exp(-0.5 * (x / self.smoothing) ** 2)
+        k = g[:, None] * g[None, :]
+        return (k / k.square().sum().sqrt())[None, None]
