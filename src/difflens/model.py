@@ -357,10 +357,10 @@ class Priors:
 
         ``sigma`` is a fraction of ``flux`` (image units), by default (None) the median of the
         source amplitude prior: the typical peak surface brightness of the source.
-        ``smoothing`` (grid pixels) correlates neighbouring values (:class:`PixelCorrection`).  The correction's
-        scale does not follow the fitted amplitude.  Experimental (docs/fitting.md): from a start
-        near the lens it removes most of the VAE's bias; blind fits with it are not yet better
-        than without (docs/validation.md, sections 3c-3d).
+        ``smoothing`` (grid pixels) correlates neighbouring values (:class:`PixelCorrection`).
+        The correction's scale does not follow the fitted amplitude.  Experimental
+        (docs/fitting.md): compare modes by :func:`difflens.infer.evidence.correction_evidence`;
+        blind fits with it are not yet better than without (docs/validation.md, 3c-3d).
 
         Examples
         --------

@@ -6,8 +6,8 @@ image is linear in the correction's whitened values ``w``:
     m(theta, w) = m0(theta) + G(theta) w,      G = sigma * flux * P S(theta) U,
 
 where ``theta`` stands for every other site (lens, latent ``z``, source placement, lens light),
-``U`` smooths (optionally) and interpolates the ``n x n`` grid onto the stamp, ``S`` samples the stamp bilinearly at the
-ray-traced positions, and ``P`` bins sub-pixels and convolves with the PSF.  With Gaussian
+``U`` smooths (optionally) and interpolates the ``n x n`` grid onto the stamp, ``S`` samples
+the stamp bilinearly at the ray-traced positions, and ``P`` bins sub-pixels and convolves with the PSF.  With Gaussian
 noise ``N = diag(sigma_i^2)`` and the prior ``w ~ N(0, I)``, ``w`` integrates out exactly
 (Woodbury; the "linear inversion" of pixelated-source lens modelling, Suyu et al. 2006, with a
 zeroth-order regularisation of strength ``1 / sigma^2``):
