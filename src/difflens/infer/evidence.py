@@ -7,10 +7,10 @@ image is linear in the correction's whitened values ``w``:
 
 where ``theta`` stands for every other site (lens, latent ``z``, source placement, lens light),
 ``U`` smooths (optionally) and interpolates the ``n x n`` grid onto the stamp, ``S`` samples
-the stamp bilinearly at the ray-traced positions, and ``P`` bins sub-pixels and convolves with the PSF.  With Gaussian
-noise ``N = diag(sigma_i^2)`` and the prior ``w ~ N(0, I)``, ``w`` integrates out exactly
-(Woodbury; the "linear inversion" of pixelated-source lens modelling, Suyu et al. 2006, with a
-zeroth-order regularisation of strength ``1 / sigma^2``):
+the stamp bilinearly at the ray-traced positions, and ``P`` bins sub-pixels and convolves with
+the PSF.  With Gaussian noise ``N = diag(sigma_i^2)`` and the prior ``w ~ N(0, I)``, ``w``
+integrates out exactly (Woodbury; the "linear inversion" of pixelated-source lens modelling,
+Suyu et al. 2006, here with a Gaussian prior of sd ``sigma * flux`` per grid value):
 
     log p(d, theta) = log p(theta) - 1/2 r^T N^-1 r + 1/2 b^T A^-1 b - 1/2 log det A
                       - 1/2 sum_i log(2 pi sigma_i^2),
