@@ -196,6 +196,8 @@ def test_fit_source_correction_options():
     assert (default.sigma, default.pixels) == (0.05, 64)
     coarse = correction("--source-correction", "0.1", "--correction-pixels", "32")
     assert (coarse.sigma, coarse.pixels, coarse.size) == (0.1, 32, 1024)
+    assert coarse.smoothing == 0.0 and coarse.flux is None        # flux: from the priors
+    assert correction("--source-correction", "0.1", "--correction-smoothing", "1.5").smoothing == 1.5
 
 
 def test_fit_sampler_choices_include_laplace():

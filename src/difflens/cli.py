@@ -79,12 +79,14 @@ def _cmd_simulate(args):
 
 
 def _correction(args):
-    """``--source-correction SIGMA --correction-pixels N`` as fit_lens's ``source_correction``."""
+    """``--source-correction SIGMA --correction-pixels N --correction-smoothing S`` as
+    fit_lens's ``source_correction``."""
     if args.source_correction is None:
         return None
     from .sources.correction import PixelCorrection
 
-    return PixelCorrection(sigma=args.source_correction, pixels=args.correction_pixels)
+    return PixelCorrection(sigma=args.source_correction, pixels=args.correction_pixels,
+                           smoothing=args.correction_smoothing)
 
 
 def _cmd_fit(args):
@@ -219,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/fitting.md)")
     p.add_argument("--correction-pixels", type=int, default=64, metavar="N",
                    help="side of the source correction's grid (default 64)")
+    p.add_argument("--correction-smoothing", type=float, default=0.0, metavar="S",
+                   help="Gaussian correlation of the source correction, sd in grid pixels "
+                        "(default 0: independent pixels)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the MAP from an earlier fit's summary.json (or its folder)")
     p.add_argument("--coolest", action="store_true",
