@@ -217,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-correction", type=float, default=None, metavar="SIGMA",
                    help="experimental: add a pixelated correction to the VAE source with this "
                         "prior sd (a fraction of the source amplitude prior's median, e.g. "
-                        "0.1); use with --init-from a fit near the lens, not for blind fits "
-                        "(docs/fitting.md)")
+                        "0.1); blind fits with it still biased by ~2-3%% (docs/fitting.md)")
     p.add_argument("--correction-pixels", type=int, default=64, metavar="N",
                    help="side of the source correction's grid (default 64)")
     p.add_argument("--correction-smoothing", type=float, default=0.0, metavar="S",

@@ -82,8 +82,8 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         number is its prior sd as a fraction of the source amplitude prior's median (the data's
         flux scale), on a 64 x 64 grid; a
         :class:`~difflens.sources.correction.PixelCorrection` sets grid and flux too.  For
-        sources the VAE cannot draw (real galaxies with clumps).  Experimental: from a start near the lens, not
-        for blind fits (docs/fitting.md).
+        sources the VAE cannot draw (real galaxies with clumps).  Experimental: compare modes by
+        :func:`difflens.infer.evidence.correction_evidence` (docs/fitting.md).
     dtype : torch.dtype
         Of every model tensor (float64 default; float32 halves memory and time, see
         docs/benchmarks.md for its accuracy).

@@ -360,7 +360,8 @@ class Priors:
         ``smoothing`` (grid pixels) correlates neighbouring values (:class:`PixelCorrection`).
         The correction's scale does not follow the fitted amplitude.  Experimental
         (docs/fitting.md): compare modes by :func:`difflens.infer.evidence.correction_evidence`;
-        blind fits with it are not yet better than without (docs/validation.md, 3c-3d).
+        blind fits with it beat the VAE alone on validation mocks but stay biased by ~2-3%
+        (docs/validation.md, 3d).
 
         Examples
         --------
