@@ -726,7 +726,10 @@ class LensModel:
         stamp = self.vae.decode(values["z"])
         correction = self.priors.source_correction
         if correction is not None:
-            amp = values["src_amp"] if "src_amp" in values else self.priors.source["amp"]
+            amp = values.get("src_amp", self.priors.source["amp"])     # sampled, or fixed
+            if not isinstance(amp, (int, float)) and not torch.is_tensor(amp):
+                raise ValueError("source_stamp with a correction needs the source amplitude "
+                                 "'src_amp' among the values")
             amp = torch.as_tensor(amp, dtype=stamp.dtype, device=stamp.device)
             stamp = stamp + (correction.image(values["src_correction"], stamp.shape[-1])
                              / amp[..., None, None])

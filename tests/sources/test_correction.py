@@ -103,6 +103,11 @@ def test_correction_scale_follows_the_amplitude_prior_not_the_fit(vae):
     with pytest.raises(ValueError, match="sampled source amplitude"):
         LensModel(torch.zeros(16, 16), 0.1, sim, source=vae,
                   priors=p.with_amplitudes_marginalised())
+    model = LensModel(torch.zeros(16, 16), 0.1, sim, source=vae, priors=p)
+    with pytest.raises(ValueError, match="src_amp"):
+        model.source_stamp(model.latent_start())
+    fixed = model.with_fixed({"src_amp": 2.0})                    # a fixed amplitude serves
+    assert fixed.source_stamp(fixed.latent_start()).shape == (64, 64)
 
 
 def test_correction_enters_the_image_linearly(vae):

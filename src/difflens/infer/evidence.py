@@ -191,8 +191,14 @@ def correction_evidence(model: LensModel, values: dict, sigmas=()) -> Correction
     if model.mask is not None:
         weight = torch.where(model.mask, weight, torch.zeros_like(weight))
     weight = weight.cpu().double().numpy().ravel()
+    # one pass: the image without correction, m0, and log p(theta), every site's prior but the
+    # correction's (model.predict samples every site and has no likelihood)
     with torch.no_grad():
-        m0 = pyro.poutine.condition(model.predict, data=values)()
+        trace = pyro.poutine.trace(pyro.poutine.condition(model.predict, data=values)).get_trace()
+        trace.compute_log_prob()
+    m0 = trace.nodes["_RETURN"]["value"]
+    log_prior = sum(float(site["log_prob_sum"]) for name, site in trace.nodes.items()
+                    if site["type"] == "sample" and name != "src_correction")
     r = (model.data - m0).cpu().double().numpy().ravel()
     G = correction_response(model, values)
     gram = (G.T @ sp.diags(weight) @ G).toarray()
@@ -200,11 +206,6 @@ def correction_evidence(model: LensModel, values: dict, sigmas=()) -> Correction
     lam = np.clip(lam, 0.0, None)                      # round-off below zero
     bt = vec.T @ (G.T @ (weight * r))
 
-    # log p(theta): every site's prior but the correction's, at these values
-    trace = pyro.poutine.trace(pyro.poutine.condition(model, data=values)).get_trace()
-    trace.compute_log_prob()
-    log_prior = sum(float(site["log_prob_sum"]) for name, site in trace.nodes.items()
-                    if site["type"] == "sample" and name not in ("obs", "src_correction"))
     used = weight > 0
     norm = -0.5 * float(np.log(2.0 * math.pi / weight[used]).sum())
     chi2 = float((weight * r * r).sum())
