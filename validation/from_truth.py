@@ -2,7 +2,7 @@
 
     python validation/from_truth.py --source galaxy --seeds 0 7 11 16 18 [--apodise]
         [--source-correction 0.1 [--correction-pixels 64] [--correction-smoothing 1]
-         [--evidence] [--blind]]
+         [--evidence] [--blind] [--laplace]]
 
 Each mock is the one ``validation/coverage.py`` fits for that seed (256x256 at 0.04", PSF
 0.05", noise 0.1 unless told otherwise).  Two stages:
@@ -31,24 +31,32 @@ evidence, the number of correction values the data constrain, and the evidence a
 ``sigma``.  ``--blind`` adds, per seed, the MAP of ``validation/coverage.py``'s blind search
 (lenses fitted in pairs of consecutive seeds, seeded by the first, as ``coverage.py --chunk 2``)
 with the same numbers, so the two modes can be compared by their evidence.
+
+With ``--laplace`` each mode also gets its Laplace posterior
+(:func:`difflens.infer.sample_laplace`, 2,000 draws; with a correction, the correction
+integrated out of the Gaussian): per lens parameter (r_ein, gamma, q, phi, g1, g2, theta_E) the
+posterior mean and sd, the truth's normalised error ``(mean - truth) / sd`` and whether the
+central 68% and 95% intervals hold the truth -- the coverage question of issue 7 at these modes.
 """
 import argparse
 import json
 import math
 
+import numpy as np
 import torch
 
 from difflens.datasets.mocks import held_out_galaxies, simulate_mock
 from difflens.fitting import build_model, fit_lenses
 from difflens.infer.evidence import correction_evidence
-from difflens.infer import fit_map
+from difflens.infer import fit_map, sample_laplace
 from difflens.infer.map import summarise_map
-from difflens.model import q_phi_to_ellipticity
+from difflens.model import q_phi_to_ellipticity, unwrap_angle
 from difflens.sources.correction import PixelCorrection
 
 
 LENS_SITES = ("r_ein", "e1", "e2", "gamma", "x0", "y0", "g1", "g2")
 SIGMAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+COVERED = ("r_ein", "gamma", "q", "phi", "g1", "g2", "theta_E")
 
 
 def truth_start(truth):
@@ -88,6 +96,26 @@ def evidence_record(model, values):
                 src_amp=round(float(values["src_amp"]), 3))
 
 
+def laplace_record(model, values, truth, seed=0):
+    """The Laplace posterior at site ``values`` against ``truth``: JSON-ready numbers per lens
+    parameter (mean, sd, normalised error, truth inside the central 68% / 95% intervals)."""
+    post = sample_laplace(model, values, num_samples=2000, seed=seed).idata.posterior
+    out = {}
+    for k in COVERED:
+        x = post[k].values.ravel()
+        if k == "theta_E":
+            t = math.sqrt(truth["q"]) * truth["r_ein"]
+        elif k == "phi":           # the truth on the posterior's branch (period pi)
+            t = float(unwrap_angle(torch.tensor(truth["phi"]), float(np.median(x))))
+        else:
+            t = truth[k]
+        lo95, lo68, hi68, hi95 = np.quantile(x, [0.025, 0.16, 0.84, 0.975])
+        out[k] = dict(mean=round(float(x.mean()), 5), sd=round(float(x.std()), 5),
+                      z=round(float((x.mean() - t) / x.std()), 2),
+                      in68=bool(lo68 <= t <= hi68), in95=bool(lo95 <= t <= hi95))
+    return out
+
+
 def blind_fits(mocks, seeds, correction):
     """coverage.py's blind MAP of each mock (pairs of consecutive seeds, seeded by the first)."""
     fits = {}
@@ -121,6 +149,8 @@ def main(argv=None):
                     help="also integrate the correction out at the mode (its evidence)")
     ap.add_argument("--blind", action="store_true",
                     help="also fit each mock blind, as coverage.py --chunk 2")
+    ap.add_argument("--laplace", action="store_true",
+                    help="also the Laplace posterior at each mode (coverage of the truth)")
     args = ap.parse_args(argv)
     if args.evidence and args.source_correction is None:
         ap.error("--evidence needs --source-correction")
@@ -143,12 +173,16 @@ def main(argv=None):
                       error_percent=relative_errors(free.lens(), t))
         if args.evidence:
             record.update(evidence_record(model, free.sample_sites()))
+        if args.laplace:
+            record["laplace"] = laplace_record(model, free.sample_sites(), t, seed)
         if seed in blind:
             fit = blind[seed]
             record["blind"] = dict(log_posterior=round(fit.map.log_posterior, 1),
                                    error_percent=relative_errors(fit.map.lens(), t))
             if args.evidence:
                 record["blind"].update(evidence_record(model, fit.map.sample_sites()))
+            if args.laplace:
+                record["blind"]["laplace"] = laplace_record(model, fit.map.sample_sites(), t, seed)
         print(json.dumps(record), flush=True)
 
 

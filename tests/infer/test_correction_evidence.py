@@ -113,3 +113,54 @@ def test_bad_input_is_refused(vae):
     stacked = LensModel.stack([model, model])
     with pytest.raises(ValueError, match="one observation"):
         correction_evidence(stacked, values)
+
+
+def test_laplace_integrates_the_correction_out_as_the_full_hessian_would(vae):
+    """The Schur complement with the analytic correction block (laplace_whitening's
+    integrate_out, as sample_laplace uses it) equals the other sites' block of the inverse of the
+    full finite-difference Hessian over every site; and the widths it gives are wider than
+    those with the correction held fixed."""
+    from pyro.infer.autoguide.initialization import init_to_value
+
+    from difflens.infer.hmc import FlatSites
+    from difflens.infer.mcmc import _correction_block, _grad_fn, laplace_whitening
+
+    n = 4
+    model, values = _model(vae, n, 0.3)
+    with torch.no_grad():          # noiseless data: the sites are the maximum likelihood
+        model = model.with_data(pyro.poutine.condition(model.predict, data=values)(),
+                                model.noise_sigma)
+    space = FlatSites(model, init_strategy=init_to_value(values=values))
+    grad_fn = _grad_fn(space.potential(model))
+    full = laplace_whitening(grad_fn, space.start, passes=0, min_curvature=0.0)
+    block = _correction_block(model, values, space)
+    keep = ~block[0]
+    assert int(block[0].sum()) == n * n
+    marg = laplace_whitening(grad_fn, space.start, passes=0, min_curvature=0.0,
+                             integrate_out=block)
+    expected = (full @ full.T)[keep][:, keep]
+    cov = marg @ marg.T
+    assert (cov - expected).abs().max() < 1e-6 * expected.abs().max()
+    assert torch.allclose(torch.diagonal(cov), torch.diagonal(expected), rtol=1e-5)
+    held = laplace_whitening(lambda x: grad_fn(_embed(x, space.start, keep))[:, keep],
+                             space.start[keep], passes=0, min_curvature=0.0)
+    assert (torch.diagonal(marg @ marg.T) >= torch.diagonal(held @ held.T) * (1 - 1e-6)).all()
+    assert (torch.diagonal(marg @ marg.T) > 1.05 * torch.diagonal(held @ held.T)).any()
+
+
+def _embed(x, start, keep):
+    """Rows of the kept coordinates -> full rows, the others at ``start``."""
+    full = start.repeat(x.shape[0], 1)
+    full[:, keep] = x
+    return full
+
+
+def test_sample_laplace_with_a_correction_draws_the_other_sites(vae):
+    from difflens.infer import sample_laplace
+
+    model, values = _model(vae, 4, 0.3)
+    post = sample_laplace(model, values, num_samples=200, seed=0)
+    names = set(post.idata.posterior.data_vars)
+    assert "src_correction" not in names and {"r_ein", "gamma", "z", "src_amp"} <= names
+    sd = post.summary()["r_ein"]["sd"]
+    assert 0 < sd < 1

@@ -148,6 +148,30 @@ def correction_response(model: LensModel, values: dict) -> sp.csr_matrix:
     return blur @ sample @ _correction_matrix(corr, stamp)
 
 
+def pixel_weights(model: LensModel) -> np.ndarray:
+    """``1 / sigma_i^2`` per pixel of ``model``'s observation (0 where masked), flattened
+    row-major, float64: the diagonal of ``N^-1``."""
+    weight = torch.ones_like(model.data) / model.noise_sigma ** 2
+    if model.mask is not None:
+        weight = torch.where(model.mask, weight, torch.zeros_like(weight))
+    return weight.cpu().double().numpy().ravel()
+
+
+def correction_precision(model: LensModel, values: dict):
+    """The data's precision on the whitened correction at site ``values``, diagonalised.
+
+    Returns ``(G, weight, lam, vec)``: the response ``G`` (:func:`correction_response`), the
+    pixel weights ``N^-1`` (:func:`pixel_weights`) and the eigen-decomposition
+    ``G^T N^-1 G = vec diag(lam) vec^T`` (``lam >= 0``).  The posterior precision of ``w`` given
+    the other sites is ``A = I + G^T N^-1 G = vec diag(1 + lam) vec^T``.
+    """
+    G = correction_response(model, values)
+    weight = pixel_weights(model)
+    gram = (G.T @ sp.diags(weight) @ G).toarray()
+    lam, vec = np.linalg.eigh(0.5 * (gram + gram.T))
+    return G, weight, np.clip(lam, 0.0, None), vec          # round-off below zero clipped
+
+
 def correction_evidence(model: LensModel, values: dict, sigmas=()) -> CorrectionEvidence:
     """Integrate the pixel correction out of ``model`` at the other sites' ``values``.
 
@@ -187,10 +211,6 @@ def correction_evidence(model: LensModel, values: dict, sigmas=()) -> Correction
     if any(v.ndim > (1 if k in ("z", "src_correction") else 0) for k, v in values.items()):
         raise ValueError("correction_evidence takes one set of site values, no batch")
 
-    weight = torch.ones_like(model.data) / model.noise_sigma ** 2
-    if model.mask is not None:
-        weight = torch.where(model.mask, weight, torch.zeros_like(weight))
-    weight = weight.cpu().double().numpy().ravel()
     # one pass: the image without correction, m0, and log p(theta), every site's prior but the
     # correction's (model.predict samples every site and has no likelihood)
     with torch.no_grad():
@@ -200,10 +220,7 @@ def correction_evidence(model: LensModel, values: dict, sigmas=()) -> Correction
     log_prior = sum(float(site["log_prob_sum"]) for name, site in trace.nodes.items()
                     if site["type"] == "sample" and name != "src_correction")
     r = (model.data - m0).cpu().double().numpy().ravel()
-    G = correction_response(model, values)
-    gram = (G.T @ sp.diags(weight) @ G).toarray()
-    lam, vec = np.linalg.eigh(0.5 * (gram + gram.T))
-    lam = np.clip(lam, 0.0, None)                      # round-off below zero
+    G, weight, lam, vec = correction_precision(model, values)
     bt = vec.T @ (G.T @ (weight * r))
 
     used = weight > 0

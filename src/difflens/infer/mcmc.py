@@ -72,7 +72,7 @@ class Posterior:
 
 
 def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16, passes=2,
-                      secant_step=0.5):
+                      secant_step=0.5, integrate_out=None):
     """Cholesky-like factor L of the inverse Hessian of the potential at ``flat0``.
 
     First the Hessian from central differences of autograd gradients with a tiny step (2 D
@@ -87,6 +87,16 @@ def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=1
     update ``L <- L V |Lambda|^{-1/2}`` from the eigen-decomposition ``H_w = V Lambda V^T``: the
     curvature a sampler meets over its step, not at a point.
 
+    With ``integrate_out`` a block ``e`` of the coordinates (e.g. the 4,096 values of a source
+    correction) is integrated out of the Gaussian instead of whitened: the steps move only the
+    kept coordinates ``k``, the same gradient differences give the cross block ``H_ek``, and the
+    kept coordinates' marginal precision is the Schur complement
+
+        H_marg = H_kk - H_ek^T H_ee^-1 H_ek
+
+    with ``H_ee`` supplied (it is the exact, constant precision of a block the image is linear
+    in).  ``L L^T = H_marg^-1`` is then the kept block of the full inverse Hessian.
+
     Parameters
     ----------
     grad_fn : callable
@@ -97,11 +107,15 @@ def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=1
         Secant refinements (0: the point Hessian only).
     secant_step : float
         Their half-width, in posterior standard deviations of the current whitening.
+    integrate_out : tuple (mask, solve), optional
+        ``mask``: bool Tensor (D,), True for the coordinates integrated out; ``solve``: callable
+        ``(n_e, m) -> (n_e, m)`` applying ``H_ee^-1``.
 
     Returns
     -------
-    Tensor (D, D)
-        ``L`` with ``L L^T = |H|^{-1}``.
+    Tensor (K, K)
+        ``L`` with ``L L^T = |H|^{-1}`` (``K = D``), or ``|H_marg|^{-1}`` over the ``K`` kept
+        coordinates with ``integrate_out``.
 
     Examples
     --------
@@ -110,15 +124,44 @@ def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=1
     >>> L = laplace_whitening(lambda x: x @ prec, torch.zeros(2, dtype=torch.float64))
     >>> torch.allclose(L @ L.T, torch.linalg.inv(prec))
     True
+    >>> second_out = (torch.tensor([False, True]), lambda v: v / prec[1, 1])
+    >>> L = laplace_whitening(lambda x: x @ prec, torch.zeros(2, dtype=torch.float64),
+    ...                       integrate_out=second_out)
+    >>> torch.allclose(L @ L.T, torch.linalg.inv(prec)[:1, :1])
+    True
     """
-    d = flat0.numel()
+    return _laplace_factor(grad_fn, flat0, rel_step, min_curvature, chunk, passes, secant_step,
+                           integrate_out)[0]
+
+
+def _laplace_factor(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16, passes=2,
+                    secant_step=0.5, integrate_out=None):
+    """:func:`laplace_whitening`, also returning the last measured cross block ``H_ek``
+    (``(n_e, K)``; None without ``integrate_out``) for a Newton step of the full vector."""
+    if integrate_out is None:
+        out = torch.zeros_like(flat0, dtype=torch.bool)
+        solve = None
+    else:
+        out, solve = integrate_out
+        out = torch.as_tensor(out, dtype=torch.bool, device=flat0.device)
+    keep = ~out
+    d = int(keep.sum())
 
     def hessian(steps):
-        """Symmetrised central-difference Hessian along the columns of ``steps`` (D, D)."""
-        points = torch.cat([flat0 + steps.T, flat0 - steps.T])          # (2D, D)
+        """Symmetrised central-difference (marginal) Hessian along the kept columns of
+        ``steps`` (K, K), and the cross block H_ek."""
+        moves = flat0.new_zeros(d, flat0.numel())
+        moves[:, keep] = steps.T
+        points = torch.cat([flat0 + moves, flat0 - moves])               # (2K, D)
         grads = torch.cat([grad_fn(p) for p in torch.split(points, chunk)])
-        hess = (grads[:d] - grads[d:]).T @ torch.linalg.inv(2 * steps)
-        return 0.5 * (hess + hess.T)
+        inv = torch.linalg.inv(2 * steps)
+        diff = grads[:d] - grads[d:]                                     # (K, D)
+        hess = diff[:, keep].T @ inv
+        cross = None
+        if solve is not None:
+            cross = diff[:, out].T @ inv                                 # (n_e, K)
+            hess = hess - cross.T @ solve(cross)
+        return 0.5 * (hess + hess.T), cross
 
     def inverse_sqrt(hess, base):
         evals, evecs = torch.linalg.eigh(hess)
@@ -127,15 +170,14 @@ def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=1
         evals = evals.abs().clamp_min(max(float(1e-8 * evals.abs().max()), min_curvature))
         return base @ (evecs / evals.sqrt())
 
-    h = rel_step * flat0.abs().clamp_min(1.0)
-    factor = inverse_sqrt(hessian(torch.diag(h)), torch.eye(d, dtype=flat0.dtype,
-                                                            device=flat0.device))
+    h = rel_step * flat0[keep].abs().clamp_min(1.0)
+    hess, cross = hessian(torch.diag(h))
+    factor = inverse_sqrt(hess, torch.eye(d, dtype=flat0.dtype, device=flat0.device))
     for _ in range(passes):
         # Hessian in whitened coordinates w (x = flat0 + L w) = L^T H L, measured over +-step
-        steps = secant_step * factor
-        hess_x = hessian(steps)
+        hess_x, cross = hessian(secant_step * factor)
         factor = inverse_sqrt(factor.T @ hess_x @ factor, factor)
-    return factor
+    return factor, cross
 
 
 def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=300, chains=4,
@@ -243,6 +285,17 @@ def sample_laplace(model: LensModel, init: dict, *, num_samples=2000, seed=0,
     degeneracies (the r_ein-q-gamma ridge a single arc leaves), bounds the posterior presses
     against, several modes.  Check it against :func:`sample_posterior` on representative lenses.
 
+    With a pixelated source correction (``build_model(source_correction=...)``, thousands of
+    values ``w``) the correction is integrated out of the Gaussian instead of sampled: the image
+    is linear in ``w``, so its block of the Hessian is exactly ``I + G^T N^-1 G``
+    (:func:`difflens.infer.evidence.correction_precision`, one eigen-decomposition, ~25 s for
+    64 x 64 on one CPU thread), the cross block comes from the same gradient differences as the
+    rest, and the other sites' covariance is the inverse of the Schur complement
+    (``laplace_whitening(integrate_out=...)``).  The draws then hold every site but
+    ``src_correction``.  This is the Laplace approximation of the joint posterior at its mode,
+    marginalised; the curvature of ``log det A`` in the correction's evidence
+    (:func:`difflens.infer.evidence.correction_evidence`) is left out.
+
     Parameters
     ----------
     model : LensModel
@@ -273,22 +326,62 @@ def sample_laplace(model: LensModel, init: dict, *, num_samples=2000, seed=0,
     flat0 = space.start
     potential = space.potential(model)
     grad_fn = _grad_fn(potential)
-    factor = laplace_whitening(grad_fn, flat0)
+    block = _correction_block(model, init, space)
+    factor, cross = _laplace_factor(grad_fn, flat0, integrate_out=block)
+    out = block[0] if block else torch.zeros_like(flat0, dtype=torch.bool)
+    keep = ~out
     if newton_step:
+        # one Newton step of the full vector; with a block integrated out, solved by blocks:
+        # dk = -H_marg^-1 (g_k - H_ek^T H_ee^-1 g_e),  de = -H_ee^-1 (g_e + H_ek dk)
         grad = grad_fn(flat0[None])[0]
-        moved = flat0 - factor @ (factor.T @ grad)
+        step = torch.zeros_like(flat0)
+        g_k = grad[keep]
+        if block:
+            solve = block[1]
+            g_k = g_k - cross.T @ solve(grad[out][:, None])[:, 0]
+        step[keep] = -factor @ (factor.T @ g_k)
+        if block:
+            step[out] = -solve((grad[out] + cross @ step[keep])[:, None])[:, 0]
         with torch.no_grad():
-            if float(potential(moved[None])[0]) < float(potential(flat0[None])[0]):
-                flat0 = moved
+            if float(potential((flat0 + step)[None])[0]) < float(potential(flat0[None])[0]):
+                flat0 = flat0 + step
     gen = torch.Generator(device=flat0.device).manual_seed(seed)
-    u = torch.randn((num_samples, flat0.numel()), generator=gen, dtype=flat0.dtype,
+    u = torch.randn((num_samples, factor.shape[0]), generator=gen, dtype=flat0.dtype,
                     device=flat0.device)
+    draws = flat0.repeat(num_samples, 1)
+    draws[:, keep] += u @ factor.T
     with torch.no_grad():
-        sites = space.constrained(flat0 + u @ factor.T)
+        sites = space.constrained(draws)
     posterior = {n: v.detach().cpu().numpy().reshape(1, num_samples, *v.shape[1:])
-                 for n, v in sites.items()}
+                 for n, v in sites.items() if n != "src_correction"}
     return _posterior_from_draws(model, init, posterior, 1, seed)
 
+
+
+def _correction_block(model: LensModel, init: dict, space):
+    """``integrate_out`` for :func:`laplace_whitening` when ``model`` has a source correction:
+    the mask of ``src_correction`` in ``space``'s flat vector and ``H_ee^-1`` applied to
+    columns, ``H_ee = I + G^T N^-1 G`` (exact: the image is linear in the whitened correction,
+    whose prior is N(0, I); :func:`difflens.infer.evidence.correction_precision`).  None
+    without a correction."""
+    if model.priors.source_correction is None:
+        return None
+    from .evidence import correction_precision
+
+    if model.data.ndim != 2:
+        raise ValueError("a Laplace posterior with the source correction integrated out takes "
+                         "one observation, not a stacked model")
+    values = {k: model.tensor(v) for k, v in init.items()}
+    _, _, lam, vec = correction_precision(model, values)
+    vec = torch.as_tensor(vec, dtype=space.start.dtype, device=space.start.device)
+    inv = torch.as_tensor(1.0 / (1.0 + lam), dtype=vec.dtype, device=vec.device)
+    mask = torch.zeros_like(space.start, dtype=torch.bool)
+    offset = 0
+    for name, size in zip(space.names, space.sizes):
+        if name == "src_correction":
+            mask[offset:offset + size] = True
+        offset += size
+    return mask, lambda v: vec @ (inv[:, None] * (vec.T @ v))
 
 def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains=4, seed=0,
                            target_accept=0.8, path_length=2.2, whiten=True, start_spread=0.3,
