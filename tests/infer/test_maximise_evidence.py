@@ -5,9 +5,9 @@ matrix of the correction."""
 import pytest
 import torch
 
-from difflens.infer.evidence import (_integrate, _posterior_sqrt, _probes, correction_evidence,
-                                     correction_images, correction_response, maximise_evidence,
-                                     pixel_weights)
+from difflens.infer.evidence import (_integrate, _probes, correction_evidence,
+                                     correction_images, correction_precision, correction_response,
+                                     maximise_evidence, pixel_weights)
 from difflens.infer.hmc import FlatSites
 from difflens.infer.map import _row_values
 from difflens.sources.vae import load_default_vae
@@ -70,10 +70,10 @@ def test_the_bound_touches_the_evidence_with_its_gradient(vae, options):
     away it stays below the evidence."""
     n = 4
     model, values = _model(vae, n, 0.3, **options)
-    ev, lam, vec = _integrate(model, values)
+    ev, root = _integrate(model, values)
     space = FlatSites(model)
     u0 = space.flatten(dict(values, src_correction=ev.w_mean))
-    P, c = _probes(_posterior_sqrt(lam, vec), None, None)
+    P, c = _probes(root, None, None)
     f = _bound(model, space, torch.as_tensor(P.T.copy()), c)
     u = u0[None].clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(f(u).sum(), u)
@@ -123,11 +123,15 @@ def test_maximise_evidence_climbs_to_a_stationary_point(vae):
 
 
 def test_random_probes_estimate_the_trace(vae):
-    """c P P^T estimates Sigma = A^-1: its trace within the Monte-Carlo error."""
+    """S S^T = A^-1 (the eigenvalues of correction_precision give tr A^-1 independently), and
+    c P P^T estimates it: its trace within the Monte-Carlo error."""
     model, values = _model(vae, 4, 0.3)
-    _, lam, vec = _integrate(model, values)
-    P, c = _probes(_posterior_sqrt(lam, vec), 4000, torch.Generator().manual_seed(0))
-    exact = float((1.0 / (1.0 + lam)).sum())
+    ev, root = _integrate(model, values)
+    exact = float((1.0 / (1.0 + correction_precision(model, values)[2])).sum())   # tr A^-1
+    assert 16 - ev.n_constrained == pytest.approx(exact, rel=1e-10)
+    _, _, lam, vec = correction_precision(model, values)
+    assert abs(root @ root.T - (vec / (1.0 + lam)) @ vec.T).max() < 1e-12
+    P, c = _probes(root, 4000, torch.Generator().manual_seed(0))
     assert c * float((P * P).sum()) == pytest.approx(exact, rel=0.03)
 
 
