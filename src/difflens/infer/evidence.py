@@ -360,13 +360,13 @@ def maximise_evidence(model: LensModel, values: dict, *, probes=32, rounds=8, ma
     evidence, equal to it (value and gradient) at ``theta_0``: maximising it over ``theta``
     and ``w`` (L-BFGS) cannot lower the evidence (a minorise-maximise, or EM, iteration).  Each
     round recomputes ``Sigma_0`` exactly (a Cholesky factor and its inverse, ~5 s for 64 x 64
-    values on one CPU thread) and estimates the trace with ``probes`` draws ``v_k ~ N(0, Sigma_0)``,
-    ``tr = E ||N^-1/2 G(theta) v||^2`` (``probes`` images of the correction through the lens
-    per evaluation: cheap next to the model, one ray trace).  The bound is tight only near
-    ``theta_0`` (a lens change remaps the correction's pixels, which the tangent penalises), so
-    its steps are short but consistent: each round then tries 2, 4, ... times the step
-    (``extrapolate`` doublings, an over-relaxed EM) and keeps the point of highest exact
-    evidence.
+    values on one CPU thread) and estimates the trace with ``probes`` draws
+    ``v_k ~ N(0, Sigma_0)``, ``tr = E ||N^-1/2 G(theta) v||^2`` (``probes`` images of the
+    correction through the lens per evaluation: cheap next to the model, one ray trace).  The
+    bound is tight only near ``theta_0`` (a lens change remaps the correction's pixels, which
+    the tangent penalises), so its steps are short but consistent: each round then tries 2, 4,
+    ... times the step (``extrapolate`` doublings, an over-relaxed EM) and keeps the point of
+    highest exact evidence.
 
     Parameters
     ----------
@@ -375,8 +375,8 @@ def maximise_evidence(model: LensModel, values: dict, *, probes=32, rounds=8, ma
     values : dict
         Start (e.g. a MAP's ``sample_sites()``, which maximises the joint posterior).
     probes : int or None
-        Draws per round for the trace; None uses every eigenvector (exact; ``n^2`` images per
-        evaluation, for small grids).
+        Draws per round for the trace; None uses every column of a square root of
+        ``Sigma_0`` (exact; ``n^2`` images per evaluation, for small grids).
     rounds : int
         Most rounds (each: one L-BFGS run of up to ``max_iter`` iterations on the bound, then
         the exact evidence at its step and the extrapolations).
@@ -445,7 +445,7 @@ def maximise_evidence(model: LensModel, values: dict, *, probes=32, rounds=8, ma
             return potential(u) + 0.5 * c * (weight * Gv * Gv).sum()
 
         x0 = torch.cat([start[:, :first], torch.zeros_like(mean), start[:, block.stop:]], 1)
-        x, _ = _polish_rows(lambda rows: bound, x0, max_iter, 1)
+        x, _ = _polish_rows(lambda _: bound, x0, max_iter, 1)
         # over-relaxation: the bound's step, then 2, 4, ... times it while the exact evidence
         # still rises (MM steps are short where the tangent of log det is loose: the lens
         # remaps the correction's pixels, rotating A)
