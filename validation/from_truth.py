@@ -35,8 +35,9 @@ with the same numbers, so the two modes can be compared by their evidence.
 With ``--maximise-evidence`` (needs ``--source-correction``) each mode is then moved to the
 nearest maximum of the evidence (:func:`difflens.infer.evidence.maximise_evidence`, the
 correction integrated out), and the record carries its errors, evidence and wall time under
-``"evidence_max"``: is the lens that maximises the evidence nearer the truth than the joint
-mode?
+``"evidence_max"`` (with ``--laplace`` also the Laplace posterior there): is the lens that
+maximises the evidence nearer the truth than the joint mode?  ``--save DIR`` keeps every
+mode's site values (``DIR/seed<N>.pt``) for later runs.
 
 With ``--laplace`` each mode also gets its Laplace posterior
 (:func:`difflens.infer.sample_laplace`, 2,000 draws; with a correction, the correction
@@ -47,6 +48,7 @@ central 68% and 95% intervals hold the truth -- the coverage question of issue 7
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -102,14 +104,18 @@ def evidence_record(model, values):
                 src_amp=round(float(values["src_amp"]), 3))
 
 
-def evidence_max_record(model, values, truth, rounds):
-    """The nearest maximum of the evidence from site ``values``: JSON-ready numbers."""
+def evidence_max_record(model, values, truth, rounds, laplace=False, seed=0):
+    """The nearest maximum of the evidence from site ``values``: JSON-ready numbers (with the
+    Laplace posterior there when ``laplace``) and the site values of the maximum."""
     best = maximise_evidence(model, values, rounds=rounds, progress=False)
     lens = summarise_map(model, best.values).lens()
-    return dict(error_percent=relative_errors(lens, truth),
-                log_evidence=round(best.log_evidence, 1),
-                gain=round(best.log_evidence - best.history[0], 1), steps=best.steps,
-                seconds=round(best.seconds, 1), lens={k: round(v, 5) for k, v in lens.items()})
+    record = dict(error_percent=relative_errors(lens, truth),
+                  log_evidence=round(best.log_evidence, 1),
+                  gain=round(best.log_evidence - best.history[0], 1), steps=best.steps,
+                  seconds=round(best.seconds, 1), lens={k: round(v, 5) for k, v in lens.items()})
+    if laplace:
+        record["laplace"] = laplace_record(model, best.values, truth, seed)
+    return record, best.values
 
 
 def laplace_record(model, values, truth, seed=0):
@@ -169,6 +175,8 @@ def main(argv=None):
                     help="also move each mode to the nearest maximum of the evidence")
     ap.add_argument("--evidence-rounds", type=int, default=8, metavar="N",
                     help="most rounds of maximise_evidence (default 8)")
+    ap.add_argument("--save", metavar="DIR",
+                    help="write each mode's site values to DIR/seed<N>.pt (torch.save)")
     ap.add_argument("--laplace", action="store_true",
                     help="also the Laplace posterior at each mode (coverage of the truth)")
     args = ap.parse_args(argv)
@@ -193,9 +201,10 @@ def main(argv=None):
                       error_percent=relative_errors(free.lens(), t))
         if args.evidence:
             record.update(evidence_record(model, free.sample_sites()))
+        saved = {"released": free.sample_sites()}
         if args.maximise_evidence:
-            record["evidence_max"] = evidence_max_record(model, free.sample_sites(), t,
-                                                         args.evidence_rounds)
+            record["evidence_max"], saved["evidence_max"] = evidence_max_record(
+                model, free.sample_sites(), t, args.evidence_rounds, args.laplace, seed)
         if args.laplace:
             record["laplace"] = laplace_record(model, free.sample_sites(), t, seed)
         if seed in blind:
@@ -204,11 +213,16 @@ def main(argv=None):
                                    error_percent=relative_errors(fit.map.lens(), t))
             if args.evidence:
                 record["blind"].update(evidence_record(model, fit.map.sample_sites()))
+            saved["blind"] = fit.map.sample_sites()
             if args.maximise_evidence:
-                record["blind"]["evidence_max"] = evidence_max_record(
-                    model, fit.map.sample_sites(), t, args.evidence_rounds)
+                record["blind"]["evidence_max"], saved["blind_evidence_max"] = \
+                    evidence_max_record(model, fit.map.sample_sites(), t, args.evidence_rounds,
+                                        args.laplace, seed)
             if args.laplace:
                 record["blind"]["laplace"] = laplace_record(model, fit.map.sample_sites(), t, seed)
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            torch.save(saved, Path(args.save) / f"seed{seed}.pt")
         print(json.dumps(record), flush=True)
 
 
