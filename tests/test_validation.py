@@ -1,5 +1,7 @@
-"""The validation study's bookkeeping (validation/coverage.py) on hand-made records."""
+"""The validation studies' bookkeeping (validation/coverage.py, evidence_modes.py) on hand-made
+records."""
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -85,3 +87,32 @@ def test_compare_records_pairs_seeds_and_derives_theta_e():
     assert seed0[2]["gamma"] == pytest.approx(1.0)
     assert seed0[6] == pytest.approx(30.0) and rows[1][6] == pytest.approx(-10.0)
     assert med_a["r_ein"] == pytest.approx(5.0) and med_b["r_ein"] == pytest.approx(1.0)
+
+
+def test_evidence_modes_table_and_figure(tmp_path, capsys):
+    """validation/evidence_modes.py on hand-made from_truth.py records: the medians it prints
+    are those of the records, and the figure is written."""
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "evidence_modes", SCRIPT.parent / "evidence_modes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def record(seed, joint, best):
+        err = lambda x: dict(r_ein=x, gamma=-2 * x, theta_E=0.5 * x)  # noqa: E731
+        return dict(seed=seed, error_percent=err(joint),
+                    evidence_max=dict(error_percent=err(best), gain=5.0))
+
+    path = tmp_path / "records.jsonl"
+    rows = [record(0, 1.0, -0.5), record(1, -3.0, 0.2), record(2, 2.0, 4.0), dict(seed=3)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    figure = tmp_path / "errors.png"
+    module.main([str(path), "--out", str(figure)])
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("median")]
+    assert last == ["median |error| | 2.00 / 4.00 / 1.00 | 0.50 / 1.00 / 0.25"]
+    assert figure.stat().st_size > 1000
+    empty = tmp_path / "empty.jsonl"                # no record with an evidence maximum
+    empty.write_text(json.dumps(dict(seed=0)) + "\n")
+    with pytest.raises(SystemExit):
+        module.main([str(empty)])

@@ -1,0 +1,103 @@
+"""The joint mode next to the truth against the evidence maximum reached from it (issue 7).
+
+    python validation/evidence_modes.py validation/results/evidence_max_seeds0-7.jsonl \
+        [--out docs/figures/evidence_max_errors.png]
+
+Reads the JSON lines of ``validation/from_truth.py --maximise-evidence``: per seed, the relative
+errors (%) of r_ein, gamma and theta_E = sqrt(q) r_ein at the joint MAP released from the truth
+and at the maximum of the evidence (the correction integrated out) that
+:func:`difflens.infer.evidence.maximise_evidence` reached from it, with the evidence gained.
+Prints the table and the median |error| of each, and draws one panel per parameter (the error
+at both points, lens by lens).
+"""
+import argparse
+import json
+
+import numpy as np
+
+KEYS = ("r_ein", "gamma", "theta_E")
+
+
+def pairs(records):
+    """(seed, errors at the joint mode, errors at the evidence maximum, gain) per record that
+    has both; errors as dicts over :data:`KEYS`.
+
+    Examples
+    --------
+    >>> r = dict(seed=3, error_percent=dict(r_ein=1.0, gamma=-2.0, theta_E=0.5),
+    ...          evidence_max=dict(error_percent=dict(r_ein=0.5, gamma=1.0, theta_E=0.1),
+    ...                            gain=12.0))
+    >>> [(seed, best["gamma"], gain) for seed, _, best, gain in pairs([r, dict(seed=4)])]
+    [(3, 1.0, 12.0)]
+    """
+    out = []
+    for r in records:
+        if "evidence_max" not in r:
+            continue
+        joint = {k: r["error_percent"][k] for k in KEYS}
+        best = {k: r["evidence_max"]["error_percent"][k] for k in KEYS}
+        out.append((r["seed"], joint, best, r["evidence_max"]["gain"]))
+    return sorted(out, key=lambda p: p[0])
+
+
+def medians(rows):
+    """Median |error| (%) per key at the joint mode and at the evidence maximum.
+
+    Examples
+    --------
+    >>> e = lambda x: dict(r_ein=x, gamma=-x, theta_E=x / 2)
+    >>> medians([(0, e(1.0), e(3.0), 1.0), (1, e(-2.0), e(0.0), 1.0), (2, e(4.0), e(1.0), 1.0)])
+    ({'r_ein': 2.0, 'gamma': 2.0, 'theta_E': 1.0}, {'r_ein': 1.0, 'gamma': 1.0, 'theta_E': 0.5})
+    """
+    return tuple({k: float(np.median([abs(row[i][k]) for row in rows])) for k in KEYS}
+                 for i in (1, 2))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("records", nargs="+", help="JSON-lines files of from_truth.py")
+    ap.add_argument("--out", help="write the figure here (PNG)")
+    args = ap.parse_args(argv)
+    records = [json.loads(line) for path in args.records for line in open(path) if line.strip()]
+    rows = pairs(records)
+    if not rows:
+        ap.error("no record with an 'evidence_max' entry (from_truth.py --maximise-evidence)")
+    print("seed | joint: r_ein / gamma / theta_E (%) | evidence max: r_ein / gamma / theta_E (%)"
+          " | evidence gained (nats)")
+    for seed, joint, best, gain in rows:
+        print(f"{seed} | " + " / ".join(f"{joint[k]:+.2f}" for k in KEYS) + " | "
+              + " / ".join(f"{best[k]:+.2f}" for k in KEYS) + f" | {gain:.1f}")
+    at_joint, at_best = medians(rows)
+    print("median |error| | " + " / ".join(f"{at_joint[k]:.2f}" for k in KEYS) + " | "
+          + " / ".join(f"{at_best[k]:.2f}" for k in KEYS))
+    if args.out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(KEYS), figsize=(4 * len(KEYS), 3.6), sharey=False)
+        x = np.arange(len(rows))
+        for ax, k in zip(axes, KEYS):
+            a = [row[1][k] for row in rows]
+            b = [row[2][k] for row in rows]
+            for xi, ai, bi in zip(x, a, b):
+                ax.annotate("", xy=(xi, bi), xytext=(xi, ai),
+                            arrowprops=dict(arrowstyle="->", color="0.6"))
+            ax.plot(x, a, "o", color="C0", label="joint MAP (w maximised)")
+            ax.plot(x, b, "s", color="C3", label="evidence maximum (w integrated out)")
+            ax.axhspan(-1, 1, color="0.9", zorder=0)
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_xticks(x, [str(row[0]) for row in rows])
+            ax.set_xlabel("mock seed")
+            ax.set_ylabel(f"{k} error (%)")
+            ax.set_title(f"{k}: median |error| {at_joint[k]:.2f}% -> {at_best[k]:.2f}%",
+                         fontsize=9)
+        axes[0].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(args.out, dpi=120)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
