@@ -110,7 +110,8 @@ def test_evidence_modes_table_and_figure(tmp_path, capsys):
     figure = tmp_path / "errors.png"
     module.main([str(path), "--out", str(figure)])
     last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("median")]
-    assert last == ["median |error| | 2.00 / 4.00 / 1.00 | 0.50 / 1.00 / 0.25"]
+    assert last == ["median |error| | 2.00 / 4.00 / 1.00 | 0.50 / 1.00 / 0.25",
+                    "median error | +1.00 / -2.00 / +0.50 | +0.20 / -0.40 / +0.10"]
     assert figure.stat().st_size > 1000
     empty = tmp_path / "empty.jsonl"                # no record with an evidence maximum
     empty.write_text(json.dumps(dict(seed=0)) + "\n")

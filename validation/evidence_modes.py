@@ -7,8 +7,8 @@ Reads the JSON lines of ``validation/from_truth.py --maximise-evidence``: per se
 errors (%) of r_ein, gamma and theta_E = sqrt(q) r_ein at the joint MAP released from the truth
 and at the maximum of the evidence (the correction integrated out) that
 :func:`difflens.infer.evidence.maximise_evidence` reached from it, with the evidence gained.
-Prints the table and the median |error| of each, and draws one panel per parameter (the error
-at both points, lens by lens).
+Prints the table, the median |error| and the median signed error of each, and draws one panel
+per parameter (the error at both points, lens by lens).
 """
 import argparse
 import json
@@ -40,16 +40,21 @@ def pairs(records):
     return sorted(out, key=lambda p: p[0])
 
 
-def medians(rows):
-    """Median |error| (%) per key at the joint mode and at the evidence maximum.
+def medians(rows, signed=False):
+    """Median |error| (%) per key at the joint mode and at the evidence maximum; with
+    ``signed`` the median of the signed errors (the systematic part).
 
     Examples
     --------
     >>> e = lambda x: dict(r_ein=x, gamma=-x, theta_E=x / 2)
-    >>> medians([(0, e(1.0), e(3.0), 1.0), (1, e(-2.0), e(0.0), 1.0), (2, e(4.0), e(1.0), 1.0)])
+    >>> rows = [(0, e(1.0), e(3.0), 1.0), (1, e(-2.0), e(0.0), 1.0), (2, e(4.0), e(1.0), 1.0)]
+    >>> medians(rows)
     ({'r_ein': 2.0, 'gamma': 2.0, 'theta_E': 1.0}, {'r_ein': 1.0, 'gamma': 1.0, 'theta_E': 0.5})
+    >>> medians(rows, signed=True)[0]
+    {'r_ein': 1.0, 'gamma': -1.0, 'theta_E': 0.5}
     """
-    return tuple({k: float(np.median([abs(row[i][k]) for row in rows])) for k in KEYS}
+    size = (lambda x: x) if signed else abs
+    return tuple({k: float(np.median([size(row[i][k]) for row in rows])) for k in KEYS}
                  for i in (1, 2))
 
 
@@ -70,6 +75,9 @@ def main(argv=None):
     at_joint, at_best = medians(rows)
     print("median |error| | " + " / ".join(f"{at_joint[k]:.2f}" for k in KEYS) + " | "
           + " / ".join(f"{at_best[k]:.2f}" for k in KEYS))
+    signed = medians(rows, signed=True)
+    print("median error | " + " / ".join(f"{signed[0][k]:+.2f}" for k in KEYS) + " | "
+          + " / ".join(f"{signed[1][k]:+.2f}" for k in KEYS))
     if args.out:
         import matplotlib
 
@@ -91,8 +99,8 @@ def main(argv=None):
             ax.set_xticks(x, [str(row[0]) for row in rows])
             ax.set_xlabel("mock seed")
             ax.set_ylabel(f"{k} error (%)")
-            ax.set_title(f"{k}: median |error| {at_joint[k]:.2f}% -> {at_best[k]:.2f}%",
-                         fontsize=9)
+            ax.set_title(f"{k}: median |error| {at_joint[k]:.2f}% -> {at_best[k]:.2f}%, "
+                         f"signed {signed[0][k]:+.2f}% -> {signed[1][k]:+.2f}%", fontsize=8)
         axes[0].legend(fontsize=7, loc="best")
         fig.tight_layout()
         fig.savefig(args.out, dpi=120)
