@@ -259,8 +259,8 @@ def _integrate(model: LensModel, values: dict, sigmas=()):
         value = log_prior + norm - 0.5 * chi2 + 0.5 * float(y @ y) - 0.5 * log_det
         return value, log_det, L, y
 
-    by_sigma = {s: solve(s / corr.sigma)[0] for s in sigmas}
     value, log_det, L, y = solve(1.0)
+    by_sigma = {s: value if s == corr.sigma else solve(s / corr.sigma)[0] for s in sigmas}
     inverse, info = sla.lapack.dtrtri(L, lower=1)                 # L^-1
     if info != 0:
         raise np.linalg.LinAlgError(f"the correction's precision is singular (dtrtri {info})")
