@@ -37,7 +37,9 @@ nearest maximum of the evidence (:func:`difflens.infer.evidence.maximise_evidenc
 correction integrated out), and the record carries its errors, evidence and wall time under
 ``"evidence_max"`` (with ``--laplace`` also the Laplace posterior there): is the lens that
 maximises the evidence nearer the truth than the joint mode?  ``--save DIR`` keeps every
-mode's site values (``DIR/seed<N>.pt``) for later runs.
+mode's site values (``DIR/seed<N>.pt``); ``--start-from DIR`` takes the joint mode from such a
+file, where DIR has one, instead of rerunning stages 1-2 (which are reproducible on one machine, not bit for bit
+across machines).
 
 With ``--laplace`` each mode also gets its Laplace posterior
 (:func:`difflens.infer.sample_laplace`, 2,000 draws; with a correction, the correction
@@ -104,14 +106,15 @@ def evidence_record(model, values):
                 src_amp=round(float(values["src_amp"]), 3))
 
 
-def evidence_max_record(model, values, truth, rounds, laplace=False, seed=0):
+def evidence_max_record(model, values, truth, max_eval, laplace=False, seed=0):
     """The nearest maximum of the evidence from site ``values``: JSON-ready numbers (with the
     Laplace posterior there when ``laplace``) and the site values of the maximum."""
-    best = maximise_evidence(model, values, rounds=rounds, progress=False)
+    best = maximise_evidence(model, values, max_eval=max_eval, progress=False)
     lens = summarise_map(model, best.values).lens()
     record = dict(error_percent=relative_errors(lens, truth),
                   log_evidence=round(best.log_evidence, 1),
-                  gain=round(best.log_evidence - best.history[0], 1), steps=best.steps,
+                  gain=round(best.log_evidence - best.history[0], 1),
+                  evaluations=len(best.history), restarts=best.restarts,
                   seconds=round(best.seconds, 1), lens={k: round(v, 5) for k, v in lens.items()})
     if laplace:
         record["laplace"] = laplace_record(model, best.values, truth, seed)
@@ -173,8 +176,11 @@ def main(argv=None):
                     help="also fit each mock blind, as coverage.py --chunk 2")
     ap.add_argument("--maximise-evidence", action="store_true",
                     help="also move each mode to the nearest maximum of the evidence")
-    ap.add_argument("--evidence-rounds", type=int, default=8, metavar="N",
-                    help="most rounds of maximise_evidence (default 8)")
+    ap.add_argument("--evidence-evals", type=int, default=200, metavar="N",
+                    help="most evaluations of the evidence in maximise_evidence (default 200)")
+    ap.add_argument("--start-from", metavar="DIR",
+                    help="take each joint mode from DIR/seed<N>.pt (a --save of an earlier "
+                         "run), where it exists, instead of stages 1-2")
     ap.add_argument("--save", metavar="DIR",
                     help="write each mode's site values to DIR/seed<N>.pt (torch.save)")
     ap.add_argument("--laplace", action="store_true",
@@ -194,8 +200,14 @@ def main(argv=None):
     for seed, obs in zip(args.seeds, mocks):
         t = obs.truth
         model = build_model(obs, source="vae", source_correction=correction)
-        stage1, free = fit_from_truth(model, t)
-        record = dict(seed=seed, log_posterior_source_at_truth=round(stage1, 1),
+        if args.start_from and (Path(args.start_from) / f"seed{seed}.pt").exists():
+            stage1 = None                      # not rerun
+            free = summarise_map(model, torch.load(Path(args.start_from) / f"seed{seed}.pt")
+                                 ["released"])
+        else:
+            stage1, free = fit_from_truth(model, t)
+        record = dict(seed=seed,
+                      log_posterior_source_at_truth=None if stage1 is None else round(stage1, 1),
                       log_posterior_released=round(free.log_posterior, 1),
                       reduced_chi2=round(free.reduced_chi2, 4),
                       error_percent=relative_errors(free.lens(), t))
@@ -204,7 +216,7 @@ def main(argv=None):
         saved = {"released": free.sample_sites()}
         if args.maximise_evidence:
             record["evidence_max"], saved["evidence_max"] = evidence_max_record(
-                model, free.sample_sites(), t, args.evidence_rounds, args.laplace, seed)
+                model, free.sample_sites(), t, args.evidence_evals, args.laplace, seed)
         if args.laplace:
             record["laplace"] = laplace_record(model, free.sample_sites(), t, seed)
         if seed in blind:
@@ -216,7 +228,7 @@ def main(argv=None):
             saved["blind"] = fit.map.sample_sites()
             if args.maximise_evidence:
                 record["blind"]["evidence_max"], saved["blind_evidence_max"] = \
-                    evidence_max_record(model, fit.map.sample_sites(), t, args.evidence_rounds,
+                    evidence_max_record(model, fit.map.sample_sites(), t, args.evidence_evals,
                                         args.laplace, seed)
             if args.laplace:
                 record["blind"]["laplace"] = laplace_record(model, fit.map.sample_sites(), t, seed)
