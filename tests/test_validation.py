@@ -101,17 +101,26 @@ def test_evidence_modes_table_and_figure(tmp_path, capsys):
 
     def record(seed, joint, best):
         err = lambda x: dict(r_ein=x, gamma=-2 * x, theta_E=0.5 * x)  # noqa: E731
-        return dict(seed=seed, error_percent=err(joint),
-                    evidence_max=dict(error_percent=err(best), gain=5.0))
+        # hand-made Laplace summaries: |z| = |error| / 2, inside 68% where |z| < 1
+        lap = lambda x: {k: dict(z=x / 2, in68=abs(x) < 2, in95=abs(x) < 4)  # noqa: E731
+                         for k in module.COVERED}
+        return dict(seed=seed, error_percent=err(joint), laplace=lap(joint),
+                    evidence_max=dict(error_percent=err(best), gain=5.0, laplace=lap(best)))
 
     path = tmp_path / "records.jsonl"
     rows = [record(0, 1.0, -0.5), record(1, -3.0, 0.2), record(2, 2.0, 4.0), dict(seed=3)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     figure = tmp_path / "errors.png"
     module.main([str(path), "--out", str(figure)])
-    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("median")]
+    out = capsys.readouterr().out.splitlines()
+    last = [line for line in out if line.startswith("median")]
     assert last == ["median |error| | 2.00 / 4.00 / 1.00 | 0.50 / 1.00 / 0.25",
                     "median error | +1.00 / -2.00 / +0.50 | +0.20 / -0.40 / +0.10"]
+    # joint errors 1, -3, 2: inside 68% for 1 (|x| < 2), inside 95% for all; median |z| 1.0;
+    # evidence maximum -0.5, 0.2, 4: inside 68% twice, 95% twice (4 is not < 4); median 0.25
+    cover = [line for line in out if line.startswith("Laplace coverage")]
+    assert "r_ein 1/3 of 3 (1.0)" in cover[0] and "joint mode" in cover[0]
+    assert "gamma 2/2 of 3 (0.2)" in cover[1] and "evidence maximum" in cover[1]
     assert figure.stat().st_size > 1000
     empty = tmp_path / "empty.jsonl"                # no record with an evidence maximum
     empty.write_text(json.dumps(dict(seed=0)) + "\n")

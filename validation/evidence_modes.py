@@ -8,7 +8,10 @@ errors (%) of r_ein, gamma and theta_E = sqrt(q) r_ein at the joint MAP released
 and at the maximum of the evidence (the correction integrated out) that
 :func:`difflens.infer.evidence.maximise_evidence` reached from it, with the evidence gained.
 Prints the table, the median |error| and the median signed error of each, and draws one panel
-per parameter (the error at both points, lens by lens).
+per parameter (the error at both points, lens by lens).  Records made with ``--laplace`` also
+give the coverage of the truth by the Laplace posterior (the correction integrated out) at both
+points: per lens parameter, how many truths lie inside the central 68% and 95% intervals, and
+the median |z| (posterior mean minus truth over the posterior sd).
 """
 import argparse
 import json
@@ -16,6 +19,7 @@ import json
 import numpy as np
 
 KEYS = ("r_ein", "gamma", "theta_E")
+COVERED = ("r_ein", "gamma", "q", "phi", "g1", "g2", "theta_E")
 
 
 def pairs(records):
@@ -58,6 +62,32 @@ def medians(rows, signed=False):
                  for i in (1, 2))
 
 
+def coverage(records):
+    """Laplace coverage at the joint mode (``record["laplace"]``) and at the evidence maximum
+    (``record["evidence_max"]["laplace"]``): ``{point: {parameter: (n inside 68%, n inside
+    95%, n, median |z|)}}`` over the records that have it.
+
+    Examples
+    --------
+    >>> lap = lambda z: {k: dict(z=z, in68=abs(z) < 1, in95=abs(z) < 2) for k in COVERED}
+    >>> rs = [dict(laplace=lap(0.5), evidence_max=dict(laplace=lap(3.0))),
+    ...       dict(laplace=lap(-1.5)), dict(seed=2)]
+    >>> out = coverage(rs)
+    >>> out["joint mode"]["gamma"], out["evidence maximum"]["r_ein"]
+    ((1, 2, 2, 1.0), (0, 0, 1, 3.0))
+    """
+    points = {"joint mode": lambda r: r.get("laplace"),
+              "evidence maximum": lambda r: r.get("evidence_max", {}).get("laplace")}
+    out = {}
+    for point, get in points.items():
+        found = [get(r) for r in records if get(r)]
+        if found:
+            out[point] = {k: (sum(f[k]["in68"] for f in found), sum(f[k]["in95"] for f in found),
+                              len(found), float(np.median([abs(f[k]["z"]) for f in found])))
+                          for k in COVERED}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("records", nargs="+", help="JSON-lines files of from_truth.py")
@@ -78,6 +108,9 @@ def main(argv=None):
     signed = medians(rows, signed=True)
     print("median error | " + " / ".join(f"{signed[0][k]:+.2f}" for k in KEYS) + " | "
           + " / ".join(f"{signed[1][k]:+.2f}" for k in KEYS))
+    for point, table in coverage(records).items():
+        print(f"Laplace coverage at the {point} (inside 68% / 95% of n; median |z|): "
+              + ", ".join(f"{k} {a}/{b} of {n} ({z:.1f})" for k, (a, b, n, z) in table.items()))
     if args.out:
         import matplotlib
 
