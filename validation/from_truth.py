@@ -36,7 +36,8 @@ With ``--maximise-evidence`` (needs ``--source-correction``) each mode is then m
 nearest maximum of the evidence (:func:`difflens.infer.evidence.maximise_evidence`, the
 correction integrated out), and the record carries its errors, evidence and wall time under
 ``"evidence_max"`` (with ``--laplace`` also the Laplace posterior there): is the lens that
-maximises the evidence nearer the truth than the joint mode?  ``--save DIR`` keeps every
+maximises the evidence nearer the truth than the joint mode?  ``--evidence-hold src_s`` holds
+such sites at the joint mode during that search.  ``--save DIR`` keeps every
 mode's site values (``DIR/seed<N>.pt``); ``--start-from DIR`` takes the joint mode from such a
 file, where DIR has one, instead of rerunning stages 1-2 (which are reproducible on one machine, not bit for bit
 across machines).
@@ -106,9 +107,13 @@ def evidence_record(model, values):
                 src_amp=round(float(values["src_amp"]), 3))
 
 
-def evidence_max_record(model, values, truth, max_eval, laplace=False, seed=0):
+def evidence_max_record(model, values, truth, max_eval, laplace=False, seed=0, hold=()):
     """The nearest maximum of the evidence from site ``values``: JSON-ready numbers (with the
-    Laplace posterior there when ``laplace``) and the site values of the maximum."""
+    Laplace posterior there when ``laplace``) and the site values of the maximum.  The scalar
+    sites in ``hold`` keep their values from ``values`` (``LensModel.with_fixed``)."""
+    if hold:
+        model = model.with_fixed({k: float(values[k]) for k in hold})
+        values = {k: v for k, v in values.items() if k not in hold}
     best = maximise_evidence(model, values, max_eval=max_eval, progress=False)
     lens = summarise_map(model, best.values).lens()
     record = dict(error_percent=relative_errors(lens, truth),
@@ -116,6 +121,8 @@ def evidence_max_record(model, values, truth, max_eval, laplace=False, seed=0):
                   gain=round(best.log_evidence - best.history[0], 1),
                   evaluations=len(best.history), restarts=best.restarts,
                   seconds=round(best.seconds, 1), lens={k: round(v, 5) for k, v in lens.items()})
+    if hold:
+        record["held"] = {k: round(float(v), 5) for k, v in model.fixed_values().items()}
     if laplace:
         record["laplace"] = laplace_record(model, best.values, truth, seed)
     return record, best.values
@@ -178,6 +185,9 @@ def main(argv=None):
                     help="also move each mode to the nearest maximum of the evidence")
     ap.add_argument("--evidence-evals", type=int, default=200, metavar="N",
                     help="most evaluations of the evidence in maximise_evidence (default 200)")
+    ap.add_argument("--evidence-hold", nargs="+", default=(), metavar="SITE",
+                    help="scalar sites held at the joint mode while maximising the evidence "
+                         "(e.g. src_s)")
     ap.add_argument("--start-from", metavar="DIR",
                     help="take each joint mode from DIR/seed<N>.pt (a --save of an earlier "
                          "run), where it exists, instead of stages 1-2")
@@ -216,7 +226,8 @@ def main(argv=None):
         saved = {"released": free.sample_sites()}
         if args.maximise_evidence:
             record["evidence_max"], saved["evidence_max"] = evidence_max_record(
-                model, free.sample_sites(), t, args.evidence_evals, args.laplace, seed)
+                model, free.sample_sites(), t, args.evidence_evals, args.laplace, seed,
+                args.evidence_hold)
         if args.laplace:
             record["laplace"] = laplace_record(model, free.sample_sites(), t, seed)
         if seed in blind:
@@ -229,7 +240,7 @@ def main(argv=None):
             if args.maximise_evidence:
                 record["blind"]["evidence_max"], saved["blind_evidence_max"] = \
                     evidence_max_record(model, fit.map.sample_sites(), t, args.evidence_evals,
-                                        args.laplace, seed)
+                                        args.laplace, seed, args.evidence_hold)
             if args.laplace:
                 record["blind"]["laplace"] = laplace_record(model, fit.map.sample_sites(), t, seed)
         if args.save:
