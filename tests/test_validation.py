@@ -126,3 +126,27 @@ def test_evidence_modes_table_and_figure(tmp_path, capsys):
     empty.write_text(json.dumps(dict(seed=0)) + "\n")
     with pytest.raises(SystemExit):
         module.main([str(empty)])
+
+
+def test_evidence_terms_add_up():
+    """validation/evidence_terms.py's terms on a small corrected model obey the Gaussian
+    integral over the whitened correction: log evidence = log joint at w* + n^2/2 log(2 pi)
+    - 1/2 log det A, with the joint from summarise_map (an independent code path)."""
+    import torch
+
+    from difflens.sources.vae import load_default_vae
+
+    from .infer.test_correction_evidence import _model
+
+    spec = importlib.util.spec_from_file_location(
+        "evidence_terms", SCRIPT.parent / "evidence_terms.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, values = _model(load_default_vae().double(), 4, 0.3)
+    t = module.terms(model, values)
+    assert t["log_evidence"] == pytest.approx(
+        t["log_posterior_at_w_star"] + 8 * math.log(2 * math.pi) + t["occam"], abs=0.15)
+    assert 0 < t["n_constrained"] < 16 and t["occam"] < 0
+    assert t["src_s"] == pytest.approx(float(values["src_s"]), abs=1e-4)
+    moved = dict(values, src_s=torch.as_tensor(float(values["src_s"]) * 0.8))
+    assert module.terms(model, moved)["n_constrained"] != pytest.approx(t["n_constrained"])

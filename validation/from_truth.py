@@ -125,7 +125,8 @@ def evidence_max_record(model, values, truth, max_eval, laplace=False, seed=0, h
         record["held"] = {k: round(float(v), 5) for k, v in model.fixed_values().items()}
     if laplace:
         record["laplace"] = laplace_record(model, best.values, truth, seed)
-    return record, best.values
+    held = {k: model.tensor(v) for k, v in model.fixed_values().items()}
+    return record, {**best.values, **held}
 
 
 def laplace_record(model, values, truth, seed=0):
