@@ -354,16 +354,6 @@ class EvidenceMaximum:
     seconds: float
 
 
-def _probes(S, probes, generator):
-    """Columns ``P`` and a weight ``c`` with ``c P P^T = S S^T`` (the posterior covariance of
-    ``w``): exactly (``probes`` None: ``P = S``) or in expectation (``probes`` random draws
-    ``P = S eps``, ``c = 1 / probes``)."""
-    if probes is None:
-        return S, 1.0
-    eps = torch.randn(S.shape[1], probes, generator=generator, dtype=torch.float64).numpy()
-    return S @ eps, 1.0 / probes
-
-
 class _Marginal:
     """Minus the log evidence over the flat unconstrained sites of ``model`` without the
     correction (rows ``theta`` of shape (1, D - n^2)), with its gradient.
@@ -402,6 +392,13 @@ class _Marginal:
         """Row ``theta`` and whitened correction ``w`` (n^2,) -> a full row (1, D)."""
         return torch.cat([theta[:, :self.first], w[None], theta[:, self.first:]], 1)
 
+    def values(self, theta):
+        """Row ``theta`` -> its constrained site values (the correction at zero: unused)."""
+        from .map import _row_values
+
+        zeros = self.model.tensor(torch.zeros(self.n))
+        return _row_values(self.space, self.join(theta.detach(), zeros)[0])
+
     def whitening(self, theta):
         """``F`` (K, K) with ``F F^T`` the inverse Hessian of the joint potential at ``theta``
         and ``w*``, the correction integrated out of the Gaussian (Schur complement, as
@@ -410,13 +407,10 @@ class _Marginal:
         (in ``theta`` the data pin the lens to ~1e-3 while the latent keeps its prior width:
         condition numbers ~1e7, on which L-BFGS crawls).  ``2 K`` gradients of the model."""
         from .mcmc import _grad_fn, _laplace_factor
-        from .map import _row_values
 
-        theta = theta.detach()
-        values = _row_values(self.space, self.join(theta, self.model.tensor(
-            torch.zeros(self.n)))[0])
-        ev, L = _integrate(self.model, values, response=self.response, inverse=False)
-        u0 = self.join(theta, ev.w_mean)[0]
+        ev, L = _integrate(self.model, self.values(theta), response=self.response,
+                           inverse=False)
+        u0 = self.join(theta.detach(), ev.w_mean)[0]
         block = torch.zeros_like(u0, dtype=torch.bool)
         block[self.first:self.first + self.n] = True
 
@@ -435,11 +429,7 @@ class _Marginal:
 
     def __call__(self, theta):
         """(minus the log evidence, its gradient, the site values, the CorrectionEvidence)."""
-        from .map import _row_values
-
-        theta = theta.detach()
-        values = _row_values(self.space, self.join(theta, self.model.tensor(
-            torch.zeros(self.n)))[0])
+        values = self.values(theta)
         if self.probes is None:
             (ev, P), c = _integrate(self.model, values, response=self.response), 1.0
         else:                                  # S eps = L^-T eps: one triangular solve
@@ -447,7 +437,7 @@ class _Marginal:
             P = sla.solve_triangular(L, self.eps, lower=True, trans="T")
             c = 1.0 / self.probes
         P = self.model.tensor(torch.from_numpy(np.ascontiguousarray(P.T)))      # (K, n^2)
-        x = theta.clone().requires_grad_(True)
+        x = theta.detach().clone().requires_grad_(True)
         u = self.join(x, ev.w_mean.detach())
         Gv = correction_images(self.model, self.space.constrained(u), P)
         surrogate = self.potential(u).sum() + 0.5 * c * (self.weight * Gv * Gv).sum()
