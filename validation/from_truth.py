@@ -37,10 +37,10 @@ nearest maximum of the evidence (:func:`difflens.infer.evidence.maximise_evidenc
 correction integrated out), and the record carries its errors, evidence and wall time under
 ``"evidence_max"`` (with ``--laplace`` also the Laplace posterior there): is the lens that
 maximises the evidence nearer the truth than the joint mode?  ``--evidence-hold src_s`` holds
-such sites at the joint mode during that search.  ``--save DIR`` keeps every
-mode's site values (``DIR/seed<N>.pt``); ``--start-from DIR`` takes the joint mode from such a
-file, where DIR has one, instead of rerunning stages 1-2 (which are reproducible on one machine, not bit for bit
-across machines).
+such sites at the joint mode during that search.  ``--save DIR`` keeps every mode's site
+values (``DIR/seed<N>.pt``); ``--start-from DIR`` takes the joint mode from such a file, where
+DIR has one, instead of rerunning stages 1-2 (which are reproducible on one machine, not bit
+for bit across machines).
 
 With ``--laplace`` each mode also gets its Laplace posterior
 (:func:`difflens.infer.sample_laplace`, 2,000 draws; with a correction, the correction
@@ -121,12 +121,12 @@ def evidence_max_record(model, values, truth, max_eval, laplace=False, seed=0, h
                   gain=round(best.log_evidence - best.history[0], 1),
                   evaluations=len(best.history), restarts=best.restarts,
                   seconds=round(best.seconds, 1), lens={k: round(v, 5) for k, v in lens.items()})
+    held = model.fixed_values()
     if hold:
-        record["held"] = {k: round(float(v), 5) for k, v in model.fixed_values().items()}
+        record["held"] = {k: round(float(v), 5) for k, v in held.items()}
     if laplace:
         record["laplace"] = laplace_record(model, best.values, truth, seed)
-    held = {k: model.tensor(v) for k, v in model.fixed_values().items()}
-    return record, {**best.values, **held}
+    return record, {**best.values, **{k: model.tensor(v) for k, v in held.items()}}
 
 
 def laplace_record(model, values, truth, seed=0):
