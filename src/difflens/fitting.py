@@ -124,7 +124,8 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         pri = pri.with_amplitudes_marginalised()
     if source_correction is not None:
         corr = source_correction
-        pri = (pri.with_source_correction(corr.sigma, corr.pixels, corr.flux, corr.smoothing)
+        pri = (pri.with_source_correction(corr.sigma, corr.pixels, corr.flux, corr.smoothing,
+                                          corr.regularisation, corr.frame)
                if isinstance(corr, PixelCorrection) else pri.with_source_correction(corr))
     if obs.psf is None and psf_sigma is None:
         raise ValueError("the observation has no PSF: give psf_sigma (arcsec) or a PSF kernel")
@@ -189,7 +190,9 @@ class LensFit:
         corr = self.model.priors.source_correction
         if corr is not None:
             out["source_correction"] = {"sigma": corr.sigma, "pixels": corr.pixels,
-                                        "flux": corr.flux, "smoothing": corr.smoothing}
+                                        "flux": corr.flux, "smoothing": corr.smoothing,
+                                        "regularisation": corr.regularisation,
+                                        "frame": corr.frame}
         out["seconds"] = {"map": round(m.seconds, 2) if np.isfinite(m.seconds) else None}
         if self.posterior is not None:
             out["posterior"] = self.posterior.summary()

@@ -41,7 +41,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 
 from .instrument import marginal_log_likelihood
 from .simulate import Simulator
-from .sources import PixelSource, Sersic
+from .sources import PixelSource, Sersic, SourceSum
 from .sources.correction import PixelCorrection
 
 Q_MIN = 0.1
@@ -350,14 +350,17 @@ class Priors:
                  for c in self.lens_light]
         return replace(self, lens=dict(self.lens), source=source, lens_light=light)
 
-    def with_source_correction(self, sigma=0.1, pixels=64, flux=None,
-                               smoothing=0.0) -> "Priors":
+    def with_source_correction(self, sigma=0.1, pixels=64, flux=None, smoothing=0.0,
+                               regularisation="identity", frame=None) -> "Priors":
         """A copy whose VAE source carries a pixelated correction ``sigma * flux * B[w]``,
         ``w ~ N(0, I)`` on a ``pixels x pixels`` grid (:mod:`difflens.sources.correction`).
 
         ``sigma`` is a fraction of ``flux`` (image units), by default (None) the median of the
         source amplitude prior: the typical peak surface brightness of the source.
-        ``smoothing`` (grid pixels) correlates neighbouring values (:class:`PixelCorrection`).
+        ``smoothing`` (grid pixels) correlates neighbouring values, ``regularisation``
+        (``"gradient"``, ``"curvature"``) gives the grid a Suyu et al. (2006) prior and
+        ``frame`` (``(x0, y0, half_width)``, arcsec) fixes it on the source plane
+        (:class:`PixelCorrection`).
         The correction's scale does not follow the fitted amplitude.  Experimental
         (docs/fitting.md): compare modes by :func:`difflens.infer.evidence.correction_evidence`;
         blind fits with it beat the VAE alone on validation mocks but stay biased by ~2-3%
@@ -373,8 +376,9 @@ class Priors:
             flux = _median_amplitude(self.source.get("amp"))
         return replace(self, lens=dict(self.lens), source=dict(self.source),
                        lens_light=[dict(c) for c in self.lens_light],
-                       source_correction=PixelCorrection(sigma=sigma, pixels=pixels,
-                                                         flux=float(flux), smoothing=smoothing))
+                       source_correction=PixelCorrection(
+                           sigma=sigma, pixels=pixels, flux=float(flux), smoothing=smoothing,
+                           regularisation=regularisation, frame=frame))
 
     @classmethod
     def preset(cls, name: str, source="vae", **kwargs):
@@ -722,10 +726,11 @@ class LensModel:
         """The VAE source stamp of site ``values`` (latent ``z`` and, when the model has one,
         ``src_correction`` and the amplitude ``src_amp``; leading batch allowed):
         ``(..., 64, 64)``, stamp units -- the source amplitude not applied, so the correction
-        (fixed in image units) enters divided by it."""
+        (fixed in image units) enters divided by it.  A correction fixed on the source plane
+        (``PixelCorrection(frame=...)``) is not on the stamp: :meth:`correction_source`."""
         stamp = self.vae.decode(values["z"])
         correction = self.priors.source_correction
-        if correction is not None:
+        if correction is not None and correction.frame is None:
             amp = values.get("src_amp", self.priors.source["amp"])     # sampled, or fixed
             if not isinstance(amp, (int, float)) and not torch.is_tensor(amp):
                 raise ValueError("source_stamp with a correction needs the source amplitude "
@@ -734,6 +739,21 @@ class LensModel:
             stamp = stamp + (correction.image(values["src_correction"], stamp.shape[-1])
                              / amp[..., None, None])
         return stamp
+
+    def correction_source(self, w: torch.Tensor, stamp=None) -> PixelSource:
+        """The source correction of whitened values ``w`` ``(..., n^2)`` alone, as a source
+        (amplitude 1, image units): on its source-plane frame (``PixelCorrection(frame=...)``),
+        or on the VAE stamp placed as ``stamp`` (a :class:`PixelSource`) otherwise."""
+        corr = self.priors.source_correction
+        if corr is None:
+            raise ValueError("the model has no source correction")
+        if corr.frame is not None:
+            x0, y0, half_width = corr.frame
+            return PixelSource(corr.image(w, corr.pixels), x0=x0, y0=y0, s=half_width, amp=1.0)
+        if stamp is None:
+            raise ValueError("a correction on the VAE stamp needs the stamp's placement")
+        return PixelSource(corr.image(w, stamp.image.shape[-1]), x0=stamp.x0, y0=stamp.y0,
+                           s=stamp.s, amp=1.0)
 
     def check_site_names(self, names, role: str):
         """Raise a ValueError naming any of ``names`` that is not a site of this model (sampled
@@ -769,9 +789,11 @@ class LensModel:
             if correction is not None:
                 values["src_correction"] = pyro.sample("src_correction",
                                                        correction.prior(values["z"]))
-            return PixelSource(self.source_stamp({**values, "src_amp": p["amp"]}), x0=p["x0"],
-                               y0=p["y0"], s=p["s"],
-                               amp=p["amp"])
+            stamp = PixelSource(self.source_stamp({**values, "src_amp": p["amp"]}), x0=p["x0"],
+                                y0=p["y0"], s=p["s"], amp=p["amp"])
+            if correction is None or correction.frame is None:
+                return stamp
+            return SourceSum((stamp, self.correction_source(values["src_correction"])))
         q, phi = ellipticity_to_q_phi(p["e1"], p["e2"])
         return Sersic(amp=p["amp"], r_e=p["r_e"], n=p["n"], q=q, phi=phi, x0=p["x0"], y0=p["y0"])
 

@@ -12,7 +12,7 @@ from difflens.infer.hmc import FlatSites
 from difflens.infer.map import _row_values
 from difflens.sources.vae import load_default_vae
 
-from .test_correction_evidence import _model
+from .test_correction_evidence import FRAME, _model, dense
 
 CHECKED = ("r_ein", "e1", "e2", "gamma", "x0", "y0", "g1", "g2", "src_s", "src_amp")
 
@@ -43,10 +43,12 @@ def _evidence_gradient(model, space, u, names, h=1e-5):
     return out
 
 
-def test_correction_images_match_the_response_matrix(vae):
-    model, values = _model(vae, 4, 0.3, supersample=2)
+@pytest.mark.parametrize("options", [dict(supersample=2),
+                                     dict(regularisation="curvature", frame=FRAME)])
+def test_correction_images_match_the_response_matrix(vae, options):
+    model, values = _model(vae, 4, 0.3, **options)
     w = torch.randn(3, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    G = torch.as_tensor(correction_response(model, values).toarray())
+    G = dense(correction_response(model, values))
     images = correction_images(model, {k: v[None] for k, v in values.items()}, w)
     assert images.shape == (3, 12, 12)
     assert torch.allclose(images.reshape(3, -1), w @ G.T, atol=1e-12)
@@ -59,11 +61,13 @@ def _theta_offsets(marginal):
             if k != "src_correction"}
 
 
-@pytest.mark.parametrize("options", [dict(), dict(mask=True, noise_map=True)])
+@pytest.mark.parametrize("options", [dict(), dict(mask=True, noise_map=True),
+                                     dict(regularisation="gradient", frame=FRAME)])
 def test_the_search_uses_the_exact_evidence_and_its_gradient(vae, options):
     """The objective of maximise_evidence is minus the exact log evidence, and with the exact
     trace (probes=None) its gradient in every lens and placement site equals finite
-    differences of that evidence (plain, and masked with a noise map)."""
+    differences of that evidence (plain, masked with a noise map, and a gradient-regularised
+    grid fixed on the source plane)."""
     model, values = _model(vae, 4, 0.3, **options)
     marginal = _Marginal(model, None, None)
     theta = marginal.split(values)

@@ -71,6 +71,81 @@ def test_smoothed_correction_has_unit_variance_and_gaussian_correlation():
         PixelCorrection(smoothing=-1.0)
 
 
+def _difference_precision(n, regularisation):
+    """``R`` built directly from finite differences on an ``n x n`` grid, zero beyond its edge:
+    ``D^T D`` for the first differences (n + 1 per row and column, the edges included) or
+    ``L^T L`` for the 5-point Laplacian ``L``."""
+    one = torch.zeros(n + 1, n, dtype=torch.float64)          # 1-d forward differences
+    for i in range(n + 1):
+        if i < n:
+            one[i, i] = 1.0
+        if i > 0:
+            one[i, i - 1] = -1.0
+    eye = torch.eye(n, dtype=torch.float64)
+    D = torch.cat([torch.kron(one, eye), torch.kron(eye, one)])   # rows (y), then columns (x)
+    if regularisation == "gradient":
+        return D.T @ D
+    second = -one.T @ one                                      # 1-d [1, -2, 1], zero outside
+    L = torch.kron(second, eye) + torch.kron(eye, second)
+    return L.T @ L
+
+
+@pytest.mark.parametrize("regularisation", ["gradient", "curvature"])
+def test_regularised_grid_has_the_difference_prior(regularisation):
+    """The sine synthesis u = T w of white w has covariance T T^T = R^-1, R the gradient or
+    curvature regularisation built from explicit finite differences (not from the sine
+    transform); so the energy 1/2 u^T R u of a draw is 1/2 |w|^2."""
+    n = 7
+    corr = PixelCorrection(sigma=0.2, pixels=n, flux=1.0, regularisation=regularisation)
+    T = corr.grid(torch.eye(n * n, dtype=torch.float64)).reshape(n * n, n * n).T
+    R = _difference_precision(n, regularisation)
+    assert torch.allclose(R @ T @ T.T, torch.eye(n * n, dtype=torch.float64), atol=1e-9)
+    S, _ = corr.sine_basis(torch.zeros((), dtype=torch.float64))
+    assert torch.allclose(S @ S, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    # the image is sigma * flux * u (no interpolation at n -> n)
+    w = torch.randn(5, n * n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(corr.image(w, n), 0.2 * corr.grid(w))
+
+
+def test_source_plane_frame_does_not_follow_the_stamp(vae):
+    """With ``frame`` the correction is a source of its own, fixed in arcsec: the model's image
+    with w minus its image with w = 0 is the grid sampled on the frame, whatever the VAE stamp's
+    placement; without a frame it moves with the stamp."""
+    sim = Simulator(npix=40, pixel_scale=0.08, psf_sigma=0.1, dtype=torch.float64)
+    data = torch.zeros(40, 40, dtype=torch.float64)
+    frame = (0.02, -0.05, 0.7)
+    priors = Priors.default("vae").with_source_correction(0.05, 8, regularisation="gradient",
+                                                          frame=frame)
+    model = LensModel(data, 0.1, sim, source=vae, priors=priors)
+    torch.manual_seed(2)
+    z = vae.prior.distribution(dtype=torch.float64).sample()
+    w = torch.randn(64, dtype=torch.float64)
+    corr = priors.source_correction
+    lens = pyro.poutine.condition(model._profiles, data={**_lens_sites(), **_place_sites(),
+                                                         "z": z})()[0]
+    expected = sim.image(lens, PixelSource(corr.image(w, 8), x0=frame[0], y0=frame[1],
+                                           s=frame[2], amp=1.0))
+    assert float(expected.abs().max()) > 1e-3
+    for s, amp in ((0.6, 1.0), (1.4, 2.5)):
+        values = {**_lens_sites(), **_place_sites(amp=amp), "src_s": torch.tensor(s, dtype=torch.float64),
+                  "z": z}
+
+        def image(extra):
+            return pyro.poutine.condition(model.predict, data={**values, **extra})().detach()
+
+        zero = torch.zeros(64, dtype=torch.float64)
+        delta = image({"src_correction": w}) - image({"src_correction": zero})
+        assert torch.allclose(delta, expected, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="frame"):
+        PixelCorrection(frame=(0.0, 0.0, -1.0))
+    with pytest.raises(ValueError, match="frame"):
+        PixelCorrection(frame=(0.0, float("nan"), 1.0))
+    with pytest.raises(ValueError, match="regularisation"):
+        PixelCorrection(regularisation="laplace")
+    with pytest.raises(ValueError, match="not both"):
+        PixelCorrection(regularisation="curvature", smoothing=1.0)
+
+
 def test_bad_correction_settings_are_refused():
     with pytest.raises(ValueError, match="sigma"):
         PixelCorrection(sigma=-0.1)

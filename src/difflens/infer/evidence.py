@@ -42,6 +42,7 @@ import numpy as np
 import pyro
 import scipy.linalg as sla
 import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 import torch
 
 from ..model import LensModel
@@ -125,9 +126,42 @@ def _sampling_matrix(bx, by, x0, y0, s, size: int) -> sp.csr_matrix:
 
 def _correction_matrix(corr, size: int) -> sp.csr_matrix:
     """:meth:`PixelCorrection.image` (smoothing, interpolation and scale; it is linear) as a
-    sparse ``(size^2, n^2)`` matrix, made by applying it to each unit vector."""
+    sparse ``(size^2, n^2)`` matrix, made by applying it to each unit vector; for a gradient or
+    curvature prior only the interpolation and scale of the grid values (the sine synthesis
+    ``T``, dense, is applied by :func:`_gram`)."""
     basis = torch.eye(corr.size, dtype=torch.float64)
-    return sp.csr_matrix(corr.image(basis, size).reshape(corr.size, size * size).T.numpy())
+    if corr.spectral:
+        out = corr.upsample(basis.reshape(corr.size, corr.pixels, corr.pixels), size)
+    else:
+        out = corr.image(basis, size)
+    return sp.csr_matrix(out.reshape(corr.size, size * size).T.numpy())
+
+
+def _synthesised(G, gram, corr):
+    """Grid-space ``G`` and ``gram = G^T N^-1 G`` of a gradient or curvature prior, moved to the
+    whitened values: ``(G T`` as a scipy LinearOperator, ``T^T gram T)``.  ``T = (Q1 x Q1)
+    diag(a)`` acts on each of the four grid axes of ``gram`` in turn (``4 * 2 n^5`` operations,
+    not the ``2 * 2 n^6`` of two dense products)."""
+    S, a = (x.numpy() for x in corr.sine_basis(torch.zeros((), dtype=torch.float64)))
+    n = corr.pixels
+
+    def forward(w):                               # T w = Q1 (a * W) Q1
+        return (S @ (a * w.reshape(n, n)) @ S).ravel()
+
+    def adjoint(y):                               # T^T y = a * (Q1 Y Q1)
+        return (a * (S @ y.reshape(n, n) @ S)).ravel()
+
+    gram = 0.5 * (gram + gram.T)
+    g = gram.reshape(n, n, n, n)
+    for axis in range(4):                         # Q1 is symmetric: Q1 along each axis
+        g = np.moveaxis(np.tensordot(S, g, axes=([1], [axis])), 0, axis)
+    scale = a.ravel()
+    gram = scale[:, None] * g.reshape(n * n, n * n) * scale[None, :]
+    op = spla.LinearOperator(
+        (G.shape[0], corr.size), dtype=np.float64,
+        matvec=lambda w: G @ forward(np.asarray(w).ravel()),
+        rmatvec=lambda y: adjoint(G.T @ np.asarray(y).ravel()))
+    return op, 0.5 * (gram + gram.T)
 
 
 def _conditioned(model: LensModel, values: dict):
@@ -147,15 +181,20 @@ class _Response:
         self.interpolation = {}
 
     def __call__(self, values: dict) -> sp.csr_matrix:
+        """``G`` at site ``values``, sparse, on the grid values (for a gradient or curvature
+        prior, before the sine synthesis of :func:`_synthesised`)."""
         model = self.model
         lens, source = _conditioned(model, values)
         sim, corr = model.simulator, model.priors.source_correction
         with torch.no_grad():
             bx, by = sim.ray_trace(lens)
-            stamp = model.source_stamp(values).shape[-1]
-        p = {k: float(getattr(source, k)) for k in ("x0", "y0", "s")}
+        if corr.frame is not None:              # a grid fixed on the source plane
+            (x0, y0, s), stamp = corr.frame, corr.pixels
+        else:                                   # the VAE stamp's placement
+            x0, y0, s = (float(getattr(source, k)) for k in ("x0", "y0", "s"))
+            stamp = source.image.shape[-1]
         sample = _sampling_matrix(bx.cpu().double().numpy(), by.cpu().double().numpy(),
-                                  p["x0"], p["y0"], p["s"], stamp)
+                                  x0, y0, s, stamp)
         if self.blur is None:
             hp, wp = bx.shape[-2:]
             self.blur = _psf_matrix(sim.psf, *sim.npix)
@@ -166,11 +205,12 @@ class _Response:
         return self.blur @ (sample @ self.interpolation[stamp])
 
 
-def correction_response(model: LensModel, values: dict) -> sp.csr_matrix:
+def correction_response(model: LensModel, values: dict):
     """``G``, the image of each whitened correction value at site ``values``: a sparse
     ``(ny nx, n^2)`` matrix with ``image(w) - image(0) = G w`` (image units per unit ``w``;
-    rows in the row-major order of the image)."""
-    return _Response(model)(values)
+    rows in the row-major order of the image); for a gradient or curvature prior, whose ``G``
+    is dense, a scipy ``LinearOperator``."""
+    return _gram(model, values)[0]
 
 
 def pixel_weights(model: LensModel) -> np.ndarray:
@@ -189,6 +229,10 @@ def _gram(model: LensModel, values: dict, response=None):
     G = (response or _Response(model))(values)
     weight = pixel_weights(model)
     gram = (G.T @ sp.diags(weight) @ G).toarray()
+    corr = model.priors.source_correction
+    if corr.spectral:
+        G, gram = _synthesised(G, gram, corr)
+        return G, weight, gram
     return G, weight, 0.5 * (gram + gram.T)
 
 
@@ -317,10 +361,8 @@ def correction_images(model: LensModel, values: dict, w: torch.Tensor) -> torch.
     Tensor (K, ny, nx)
         Image units (PSF-convolved, binned): row ``k`` is ``G w_k``.
     """
-    corr = model.priors.source_correction
     lens, source = pyro.poutine.condition(model._profiles, data=values)()[:2]
-    stamps = corr.image(w, source.image.shape[-1])
-    alone = PixelSource(stamps, x0=source.x0, y0=source.y0, s=source.s, amp=1.0)
+    alone = model.correction_source(w, source if isinstance(source, PixelSource) else None)
     return model.simulator.image(lens, alone).reshape(w.shape[0], *model.data.shape)
 
 

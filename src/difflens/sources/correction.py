@@ -18,6 +18,24 @@ on validation mocks, the correction drawing most of the galaxy; docs/validation.
 The prior on ``w`` is the regularisation: ``sigma`` small keeps the fit close to the VAE, ``n``
 sets the finest structure the correction can add.  It is sampled as the Pyro site
 ``src_correction`` (shape ``(..., n^2)``) beside the latent ``z``.
+
+Two options change what the grid is (both after docs/validation.md, section 3f, where the
+evidence of the stamp-tied white correction preferred lenses that shrink the stamp):
+
+- ``regularisation="gradient"`` or ``"curvature"``: the grid values ``u`` (in units of
+  ``sigma * flux``) get the prior of Suyu et al. (2006, eqs. 4-5 with their gradient and
+  curvature forms), ``p(u) ~ exp(-E/2)`` with ``E = sum |grad u|^2`` (first differences) or
+  ``E = sum (lap u)^2`` (the 5-point Laplacian), zero beyond the grid's edge, so
+  ``u ~ N(0, R^-1)`` with ``R = (-lap)^k``, ``k = 1, 2``.  ``R`` is diagonal in the orthonormal
+  type-I discrete sine transform ``Q`` (eigenvalues ``mu_kl = 4 sin^2(pi k / 2(n+1)) +
+  4 sin^2(pi l / 2(n+1))``), so the whitened ``w ~ N(0, I)`` map to ``u = Q (mu^(-k/2) * w)``:
+  the site stays white and the evidence code unchanged.  ``sigma`` is then the prior sd of a
+  first difference (gradient) or of the Laplacian (curvature) as a fraction of ``flux``; the
+  evidence picks it (``correction_evidence(sigmas=...)``).
+- ``frame=(x0, y0, half_width)`` (arcsec): the grid is fixed on the source plane, spanning
+  ``[x0 - h, x0 + h] x [y0 - h, y0 + h]``, and is sampled bilinearly at the ray-traced positions
+  as a source of its own, not through the VAE stamp, whose placement then no longer changes the
+  correction's resolution or extent.
 """
 from __future__ import annotations
 
@@ -26,6 +44,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+REGULARISATIONS = ("identity", "gradient", "curvature")
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,14 @@ class PixelCorrection:
         so each grid value keeps prior sd ``sigma * flux`` away from the edges and neighbours
         within ~``2 * smoothing`` pixels move together: fewer effective degrees of freedom for
         the same resolution.
+    regularisation : {"identity", "gradient", "curvature"}
+        The grid's prior (module doc): independent values (default), or the gradient or
+        curvature regularisation of Suyu et al. (2006), zero beyond the edge; not with
+        ``smoothing``.
+    frame : (float, float, float) or None
+        ``(x0, y0, half_width)``, arcsec: a grid fixed on the source plane, centred on
+        ``(x0, y0)`` with half-width ``half_width > 0`` (module doc).  None (default): the grid
+        spans the VAE stamp and moves and scales with it.
 
     Examples
     --------
@@ -59,12 +88,18 @@ class PixelCorrection:
     >>> corr = PixelCorrection(sigma=0.05, pixels=32, flux=1.0)
     >>> corr.image(torch.zeros(3, corr.size), 64).shape
     torch.Size([3, 64, 64])
+    >>> fixed = PixelCorrection(sigma=0.01, pixels=32, flux=1.0, regularisation="curvature",
+    ...                         frame=(0.1, 0.0, 0.8))
+    >>> fixed.image(torch.zeros(fixed.size), fixed.pixels).shape
+    torch.Size([32, 32])
     """
 
     sigma: float = 0.1
     pixels: int = 64
     flux: float | None = None
     smoothing: float = 0.0
+    regularisation: str = "identity"
+    frame: tuple | None = None
 
     def __post_init__(self):
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma)
@@ -82,6 +117,19 @@ class PixelCorrection:
                 and self.smoothing >= 0):
             raise ValueError(f"source correction smoothing must be a number >= 0 (grid pixels), "
                              f"got {self.smoothing!r}")
+        if self.regularisation not in REGULARISATIONS:
+            raise ValueError(f"source correction regularisation must be one of "
+                             f"{sorted(REGULARISATIONS)}, got {self.regularisation!r}")
+        if self.spectral and self.smoothing > 0:
+            raise ValueError("source correction: give smoothing or a gradient/curvature "
+                             "regularisation, not both (each sets the correlation)")
+        if self.frame is not None:
+            ok = (isinstance(self.frame, (tuple, list)) and len(self.frame) == 3
+                  and all(isinstance(v, (int, float)) and math.isfinite(v) for v in self.frame))
+            if not ok or self.frame[2] <= 0:
+                raise ValueError(f"source correction frame must be (x0, y0, half_width) in "
+                                 f"arcsec, finite, half_width > 0; got {self.frame!r}")
+            object.__setattr__(self, "frame", tuple(float(v) for v in self.frame))
 
     @property
     def size(self) -> int:
@@ -96,24 +144,60 @@ class PixelCorrection:
         zeros = like.new_zeros(self.size)
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
-    def image(self, w: torch.Tensor, size: int) -> torch.Tensor:
-        """The correction ``sigma * flux * B[K * w]`` on a ``size x size`` stamp (``K`` the
-        smoothing kernel, none by default), for whitened ``w`` of shape ``(..., n^2)``: returns
-        ``(..., size, size)``, surface brightness (image units)."""
+    @property
+    def spectral(self) -> bool:
+        """Whether the grid has a gradient or curvature prior (synthesised by a sine transform)."""
+        return self.regularisation != "identity"
+
+    def grid(self, w: torch.Tensor) -> torch.Tensor:
+        """The grid values ``u = T w`` in units of ``sigma * flux``, ``(..., n, n)``, for
+        whitened ``w`` of shape ``(..., n^2)``: ``w`` itself, smoothed (``smoothing``), or
+        ``Q (mu^(-k/2) * w)`` for a gradient or curvature prior (module doc)."""
         if w.shape[-1] != self.size:
             raise ValueError(f"the source correction needs {self.size} values in its last axis "
                              f"({self.pixels} x {self.pixels}), got shape {tuple(w.shape)}")
+        n = self.pixels
+        grid = w.reshape(*w.shape[:-1], n, n)
+        if self.spectral:
+            S, amplitude = self.sine_basis(w)
+            return S @ (amplitude * grid) @ S
+        if self.smoothing > 0:
+            flat = grid.reshape(-1, 1, n, n)
+            kernel = self._kernel(flat)
+            grid = F.conv2d(flat, kernel, padding=kernel.shape[-1] // 2).reshape(grid.shape)
+        return grid
+
+    def upsample(self, grid: torch.Tensor, size: int) -> torch.Tensor:
+        """Grid values ``(..., n, n)`` (units of ``sigma * flux``) as surface brightness (image
+        units) on a ``size x size`` stamp, bilinearly (``size = n``: the grid itself)."""
         if self.flux is None:
             raise ValueError("the source correction has no flux yet (image units): give "
                              "PixelCorrection(flux=...) or build it with "
                              "Priors.with_source_correction")
-        lead = w.shape[:-1]
-        grid = w.reshape(-1, 1, self.pixels, self.pixels)
-        if self.smoothing > 0:
-            kernel = self._kernel(grid)
-            grid = F.conv2d(grid, kernel, padding=kernel.shape[-1] // 2)
-        up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
-        return (self.sigma * self.flux) * up.reshape(*lead, size, size)
+        if size != self.pixels:
+            lead = grid.shape[:-2]
+            grid = F.interpolate(grid.reshape(-1, 1, self.pixels, self.pixels),
+                                 size=(size, size), mode="bilinear",
+                                 align_corners=False).reshape(*lead, size, size)
+        return (self.sigma * self.flux) * grid
+
+    def image(self, w: torch.Tensor, size: int) -> torch.Tensor:
+        """The correction ``sigma * flux * B[T w]`` on a ``size x size`` stamp (``T``:
+        :meth:`grid`), for whitened ``w`` of shape ``(..., n^2)``: returns ``(..., size, size)``,
+        surface brightness (image units)."""
+        return self.upsample(self.grid(w), size)
+
+    def sine_basis(self, like: torch.Tensor):
+        """``(Q1, a)``: the orthonormal type-I sine transform ``Q1`` (n, n; symmetric, its own
+        inverse; ``Q = Q1 x Q1`` on the grid) and the amplitudes ``a = mu^(-k/2)`` (n, n) of
+        the gradient (``k = 1``) or curvature (``k = 2``) prior, dtype and device of ``like``."""
+        n = self.pixels
+        j = torch.arange(1, n + 1, dtype=like.dtype, device=like.device)
+        S = math.sqrt(2.0 / (n + 1)) * torch.sin(math.pi * j[:, None] * j[None, :] / (n + 1))
+        lam = 4.0 * torch.sin(0.5 * math.pi * j / (n + 1)) ** 2       # 1-d Dirichlet Laplacian
+        mu = lam[:, None] + lam[None, :]
+        power = 1 if self.regularisation == "gradient" else 2
+        return S, mu ** (-0.5 * power)
 
     def _kernel(self, like: torch.Tensor) -> torch.Tensor:
         """The smoothing kernel ``(1, 1, k, k)``: a Gaussian of sd ``smoothing`` grid pixels out

@@ -78,3 +78,25 @@ class PixelSource:
         p = self.validate(bx)
         img = self.image if self.image.ndim == 3 else self.image[None]
         return sample_image(img.to(bx.dtype), bx, by, **p)
+
+
+@dataclass
+class SourceSum:
+    """The sum of several sources' surface brightness (e.g. a VAE stamp and a pixel correction
+    fixed on the source plane, :class:`difflens.sources.correction.PixelCorrection`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> both = SourceSum((PixelSource(torch.ones(8, 8), s=1.0), PixelSource(torch.ones(4, 4), s=2.0)))
+    >>> both(torch.tensor([0.5, 1.5]), torch.tensor([0.0, 0.0]))     # in both / in the wider one
+    tensor([2., 1.])
+    """
+
+    parts: tuple
+
+    def __call__(self, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        total = self.parts[0](bx, by)
+        for part in self.parts[1:]:
+            total = total + part(bx, by)
+        return total
