@@ -198,6 +198,10 @@ def test_fit_source_correction_options():
     assert (coarse.sigma, coarse.pixels, coarse.size) == (0.1, 32, 1024)
     assert coarse.smoothing == 0.0 and coarse.flux is None        # flux: from the priors
     assert correction("--source-correction", "0.1", "--correction-smoothing", "1.5").smoothing == 1.5
+    assert default.regularisation == "identity" and default.frame is None
+    fixed = correction("--source-correction", "0.03", "--correction-regularisation", "gradient",
+                       "--correction-frame", "0.1", "-0.2", "1.5")
+    assert (fixed.regularisation, fixed.frame) == ("gradient", (0.1, -0.2, 1.5))
 
 
 def test_fit_sampler_choices_include_laplace():

@@ -4,9 +4,12 @@
 
 Reads the site values that ``validation/from_truth.py --maximise-evidence --save DIR`` kept
 for each seed (the joint mode ``released`` and the evidence maximum ``evidence_max``), rebuilds
-the same mock and model (apodised held-out galaxy, 256 x 256 at 0.04", PSF 0.05", noise 0.1,
-the correction on 64 x 64) and prints one JSON line per seed with, at both points, the terms
-of the log evidence (:func:`difflens.infer.evidence.correction_evidence`):
+the same mock and model from the settings saved with them (files saved before 2026-12-04
+carry none: then ``from_truth.py``'s defaults, an apodised held-out galaxy, 256 x 256 at 0.04",
+PSF 0.05", noise 0.1, and the correction of ``--source-correction`` on 64 x 64, with a note on
+stderr) and prints one JSON line per seed with, at both points, the terms of the log evidence
+(:func:`difflens.infer.evidence.correction_evidence`; at the maximum with the correction that
+search integrated out, e.g. one fixed on the source plane, ``from_truth.py --evidence-frame``):
 
     log p(d, theta) = log p(d, theta, w*) + n^2/2 log 2 pi - 1/2 log det A,
 
@@ -17,6 +20,7 @@ pixels on the sky.
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +30,10 @@ from difflens.fitting import build_model
 from difflens.infer.evidence import correction_evidence
 from difflens.infer.map import summarise_map
 from difflens.sources.correction import PixelCorrection
+
+
+DEFAULTS = dict(source="galaxy", apodise=True, npix=256, pixel_scale=0.04, psf_sigma=0.05,
+                noise_sigma=0.1)
 
 
 def terms(model, values):
@@ -45,19 +53,34 @@ def main(argv=None):
     ap.add_argument("saved", help="the --save DIR of from_truth.py")
     ap.add_argument("--seeds", type=int, nargs="+", required=True)
     ap.add_argument("--cosmos-root", default="../shared/data/hst_galaxy_stamps")
-    ap.add_argument("--source-correction", type=float, default=0.1, metavar="SIGMA")
+    ap.add_argument("--source-correction", type=float, default=0.1, metavar="SIGMA",
+                    help="the joint modes' correction sd, for files saved without settings")
     args = ap.parse_args(argv)
-    galaxies = held_out_galaxies(args.cosmos_root, apodise=True)[0]
-    correction = PixelCorrection(args.source_correction, 64)
+    galaxies = {}
     for seed in args.seeds:
         saved = torch.load(Path(args.saved) / f"seed{seed}.pt")
-        obs = simulate_mock(seed, noise_sigma=0.1, npix=256, pixel_scale=0.04, psf_sigma=0.05,
-                            source="galaxy", galaxies=galaxies)
-        model = build_model(obs, source="vae", source_correction=correction)
+        settings = saved.get("settings")
+        if settings is None:
+            print(f"seed {seed}: no settings saved; assuming from_truth.py's defaults",
+                  file=sys.stderr)
+            settings = dict(DEFAULTS, correction=dict(sigma=args.source_correction, pixels=64,
+                                                      smoothing=0.0))
+        key = (settings["source"], settings["apodise"])
+        if settings["source"] == "galaxy" and key not in galaxies:
+            galaxies[key] = held_out_galaxies(args.cosmos_root, apodise=settings["apodise"])[0]
+        obs = simulate_mock(seed, noise_sigma=settings["noise_sigma"], npix=settings["npix"],
+                            pixel_scale=settings["pixel_scale"], psf_sigma=settings["psf_sigma"],
+                            source=settings["source"], galaxies=galaxies.get(key))
+        model = build_model(obs, source="vae",
+                            source_correction=PixelCorrection(**settings["correction"]))
+        searched = model
+        if "evidence_correction" in saved:             # from_truth.py --evidence-frame
+            searched = build_model(obs, source="vae", source_correction=PixelCorrection(
+                **saved["evidence_correction"]))
         # sites held during the search (--evidence-hold) keep their joint-mode values
         at_max = {**saved["released"], **saved["evidence_max"]}
         print(json.dumps(dict(seed=seed, released=terms(model, saved["released"]),
-                              evidence_max=terms(model, at_max))), flush=True)
+                              evidence_max=terms(searched, at_max))), flush=True)
 
 
 if __name__ == "__main__":

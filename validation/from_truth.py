@@ -38,9 +38,9 @@ correction integrated out), and the record carries its errors, evidence and wall
 ``"evidence_max"`` (with ``--laplace`` also the Laplace posterior there): is the lens that
 maximises the evidence nearer the truth than the joint mode?  ``--evidence-hold src_s`` holds
 such sites at the joint mode during that search.  ``--save DIR`` keeps every mode's site
-values (``DIR/seed<N>.pt``); ``--start-from DIR`` takes the joint mode from such a file, where
-DIR has one, instead of rerunning stages 1-2 (which are reproducible on one machine, not bit
-for bit across machines).
+values (``DIR/seed<N>.pt``, with the mock's and the corrections' settings); ``--start-from
+DIR`` takes the joint mode from such a file, where DIR has one, instead of rerunning stages
+1-2 (which are reproducible on one machine, not bit for bit across machines).
 
 With ``--evidence-frame`` that search integrates out a different correction, built at each
 joint mode: a grid fixed on the source plane over the joint mode's stamp (centre
@@ -251,6 +251,13 @@ def main(argv=None):
                            pixel_scale=args.pixel_scale, psf_sigma=args.psf_sigma,
                            source=args.source, galaxies=galaxies) for seed in args.seeds]
     blind = blind_fits(mocks, args.seeds, correction) if args.blind else {}
+    # what rebuilds each mock and model from a --save file (validation/evidence_terms.py)
+    settings = dict(source=args.source, apodise=args.apodise, npix=args.npix,
+                    pixel_scale=args.pixel_scale, psf_sigma=args.psf_sigma,
+                    noise_sigma=args.noise_sigma,
+                    correction=None if correction is None else dict(
+                        sigma=correction.sigma, pixels=correction.pixels,
+                        smoothing=correction.smoothing))
     for seed, obs in zip(args.seeds, mocks):
         t = obs.truth
         model = build_model(obs, source="vae", source_correction=correction)
@@ -267,18 +274,20 @@ def main(argv=None):
                       error_percent=relative_errors(free.lens(), t))
         if args.evidence:
             record.update(evidence_record(model, free.sample_sites()))
-        saved = {"released": free.sample_sites()}
+        saved = {"released": free.sample_sites(), "settings": settings}
         if args.maximise_evidence and args.evidence_frame:
-            framed, settings = frame_model(obs, free.sample_sites(),
+            framed, chosen = frame_model(obs, free.sample_sites(),
                                            args.evidence_regularisation, args.evidence_sigmas,
                                            args.correction_pixels)
             record["evidence_max"], saved["evidence_max"] = evidence_max_record(
                 framed, free.sample_sites(), t, args.evidence_evals, args.laplace, seed,
                 args.evidence_hold)
             ev = correction_evidence(framed, saved["evidence_max"], sigmas=args.evidence_sigmas)
-            settings["evidence_at_maximum"] = {str(k): round(v, 1) for k, v in ev.by_sigma.items()}
-            settings["n_constrained"] = round(ev.n_constrained, 1)
-            record["evidence_max"]["correction"] = settings
+            chosen["evidence_at_maximum"] = {str(k): round(v, 1) for k, v in ev.by_sigma.items()}
+            chosen["n_constrained"] = round(ev.n_constrained, 1)
+            record["evidence_max"]["correction"] = chosen
+            saved["evidence_correction"] = {k: chosen[k] for k in
+                                            ("frame", "regularisation", "sigma", "pixels")}
         elif args.maximise_evidence:
             record["evidence_max"], saved["evidence_max"] = evidence_max_record(
                 model, free.sample_sites(), t, args.evidence_evals, args.laplace, seed,

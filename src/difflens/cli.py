@@ -79,14 +79,18 @@ def _cmd_simulate(args):
 
 
 def _correction(args):
-    """``--source-correction SIGMA --correction-pixels N --correction-smoothing S`` as
-    fit_lens's ``source_correction``."""
+    """``--source-correction SIGMA --correction-pixels N --correction-smoothing S
+    --correction-regularisation R --correction-frame X0 Y0 H`` as fit_lens's
+    ``source_correction``."""
     if args.source_correction is None:
         return None
     from .sources.correction import PixelCorrection
 
     return PixelCorrection(sigma=args.source_correction, pixels=args.correction_pixels,
-                           smoothing=args.correction_smoothing)
+                           smoothing=args.correction_smoothing,
+                           regularisation=args.correction_regularisation,
+                           frame=None if args.correction_frame is None
+                           else tuple(args.correction_frame))
 
 
 def _cmd_fit(args):
@@ -223,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correction-smoothing", type=float, default=0.0, metavar="S",
                    help="Gaussian correlation of the source correction, sd in grid pixels "
                         "(default 0: independent pixels)")
+    p.add_argument("--correction-regularisation", default="identity",
+                   choices=("identity", "gradient", "curvature"),
+                   help="prior of the correction's grid: independent values (default), or "
+                        "the gradient or curvature regularisation of Suyu et al. (2006)")
+    p.add_argument("--correction-frame", type=float, nargs=3, default=None,
+                   metavar=("X0", "Y0", "H"),
+                   help="fix the correction's grid on the source plane: centre X0, Y0 and "
+                        "half-width H, arcsec (default: on the VAE stamp, moving with it)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start the MAP from an earlier fit's summary.json (or its folder)")
     p.add_argument("--coolest", action="store_true",
