@@ -49,7 +49,10 @@ prior among ``--evidence-regularisation`` (default gradient and curvature, Suyu 
 the sd among ``--evidence-sigmas`` of highest evidence at the joint mode; the record's
 ``"evidence_max"`` carries the choice (``"correction"``) and the evidence at each sd at the
 maximum.  The stamp's placement then no longer sets the correction's resolution (section 3f's
-bias).
+bias).  ``--evidence-frame-scales`` adds the grid's half-width (in units of the stamp's) to
+the choice; ``--evidence-pixel-source`` switches the VAE stamp off for the search (amplitude
+held at 1e-9, placement held), leaving a purely pixelated source on the source plane, the
+semi-linear inversion of Suyu et al. (2006).
 
 With ``--laplace`` each mode also gets its Laplace posterior
 (:func:`difflens.infer.sample_laplace`, 2,000 draws; with a correction, the correction
@@ -138,24 +141,31 @@ def evidence_max_record(model, values, truth, max_eval, laplace=False, seed=0, h
     return record, {**best.values, **{k: model.tensor(v) for k, v in held.items()}}
 
 
-def frame_model(obs, values, regularisations, sigmas, pixels):
-    """A model of ``obs`` whose correction is fixed on the source plane over the stamp of site
-    ``values`` (``pixels`` x ``pixels``), with the regularisation and sd of highest evidence at
-    ``values`` among ``regularisations`` and ``sigmas``; and its JSON-ready settings (with the
-    evidence of each choice, nats)."""
-    frame = tuple(round(float(values[k]), 5) for k in ("src_x0", "src_y0", "src_s"))
+PIXEL_ONLY = {"src_amp": 1e-9}          # --evidence-pixel-source: the VAE stamp switched off
+
+
+def frame_model(obs, values, regularisations, sigmas, pixels, scales=(1.0,), hold=()):
+    """A model of ``obs`` whose correction is fixed on the source plane (``pixels`` x
+    ``pixels``) centred on the stamp of site ``values``, with half-width a scale (among
+    ``scales``) times the stamp's, and the regularisation and sd of highest evidence at
+    ``values`` among ``regularisations`` and ``sigmas`` (the scalar sites ``hold`` held at
+    ``values``); and its JSON-ready settings (with the evidence of each choice, nats)."""
     table, best = {}, None
-    for reg in regularisations:
-        corr = PixelCorrection(sigmas[0], pixels, regularisation=reg, frame=frame)
-        ev = correction_evidence(build_model(obs, source="vae", source_correction=corr), values,
-                                 sigmas=sigmas)
-        table[reg] = {str(k): round(v, 1) for k, v in ev.by_sigma.items()}
-        for sigma, value in ev.by_sigma.items():
-            if best is None or value > best[0]:
-                best = (value, reg, sigma)
-    corr = PixelCorrection(best[2], pixels, regularisation=best[1], frame=frame)
+    for scale in scales:
+        frame = (round(float(values["src_x0"]), 5), round(float(values["src_y0"]), 5),
+                 round(scale * float(values["src_s"]), 5))
+        for reg in regularisations:
+            corr = PixelCorrection(sigmas[0], pixels, regularisation=reg, frame=frame)
+            model = build_model(obs, source="vae", source_correction=corr)
+            model = model.with_fixed({k: float(values[k]) for k in hold}) if hold else model
+            ev = correction_evidence(model, values, sigmas=sigmas)
+            table[f"{reg} x{scale:g}"] = {str(k): round(v, 1) for k, v in ev.by_sigma.items()}
+            for sigma, value in ev.by_sigma.items():
+                if best is None or value > best[0]:
+                    best = (value, reg, sigma, frame)
+    corr = PixelCorrection(best[2], pixels, regularisation=best[1], frame=best[3])
     return (build_model(obs, source="vae", source_correction=corr),
-            dict(frame=list(frame), regularisation=best[1], sigma=best[2], pixels=pixels,
+            dict(frame=list(best[3]), regularisation=best[1], sigma=best[2], pixels=pixels,
                  evidence_at_joint_mode=table))
 
 
@@ -228,6 +238,12 @@ def main(argv=None):
     ap.add_argument("--evidence-sigmas", type=float, nargs="+",
                     default=(0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.2), metavar="SIGMA",
                     help="sds of the --evidence-frame grid to choose among")
+    ap.add_argument("--evidence-frame-scales", type=float, nargs="+", default=(1.0,),
+                    metavar="F", help="half-widths of the --evidence-frame grid to choose "
+                                      "among, in units of the joint mode's stamp half-width")
+    ap.add_argument("--evidence-pixel-source", action="store_true",
+                    help="with --evidence-frame: switch the VAE stamp off (its amplitude held "
+                         "at 1e-9), so the source is the regularised grid alone")
     ap.add_argument("--start-from", metavar="DIR",
                     help="take each joint mode from DIR/seed<N>.pt (a --save of an earlier "
                          "run), where it exists, instead of stages 1-2")
@@ -240,6 +256,8 @@ def main(argv=None):
         ap.error("--evidence and --maximise-evidence need --source-correction")
     if args.evidence_frame and not args.maximise_evidence:
         ap.error("--evidence-frame needs --maximise-evidence")
+    if args.evidence_pixel_source and not args.evidence_frame:
+        ap.error("--evidence-pixel-source needs --evidence-frame")
     if args.evidence_frame and args.blind:
         ap.error("--evidence-frame is for the joint modes from the truth, not --blind")
     galaxies = (held_out_galaxies(args.cosmos_root, apodise=args.apodise)[0]
@@ -276,13 +294,18 @@ def main(argv=None):
             record.update(evidence_record(model, free.sample_sites()))
         saved = {"released": free.sample_sites(), "settings": settings}
         if args.maximise_evidence and args.evidence_frame:
-            framed, chosen = frame_model(obs, free.sample_sites(),
-                                           args.evidence_regularisation, args.evidence_sigmas,
-                                           args.correction_pixels)
+            start, hold = free.sample_sites(), tuple(args.evidence_hold)
+            if args.evidence_pixel_source:     # the VAE off: its placement has no effect
+                start = {**start, **{k: torch.tensor(v, dtype=torch.float64)
+                                    for k, v in PIXEL_ONLY.items()}}
+                hold = tuple(dict.fromkeys(hold + (*PIXEL_ONLY, "src_x0", "src_y0", "src_s")))
+            framed, chosen = frame_model(obs, start, args.evidence_regularisation,
+                                         args.evidence_sigmas, args.correction_pixels,
+                                         args.evidence_frame_scales, hold)
             record["evidence_max"], saved["evidence_max"] = evidence_max_record(
-                framed, free.sample_sites(), t, args.evidence_evals, args.laplace, seed,
-                args.evidence_hold)
-            ev = correction_evidence(framed, saved["evidence_max"], sigmas=args.evidence_sigmas)
+                framed, start, t, args.evidence_evals, args.laplace, seed, hold)
+            held = framed.with_fixed({k: float(start[k]) for k in hold}) if hold else framed
+            ev = correction_evidence(held, saved["evidence_max"], sigmas=args.evidence_sigmas)
             chosen["evidence_at_maximum"] = {str(k): round(v, 1) for k, v in ev.by_sigma.items()}
             chosen["n_constrained"] = round(ev.n_constrained, 1)
             record["evidence_max"]["correction"] = chosen
