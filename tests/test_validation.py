@@ -157,3 +157,20 @@ def test_evidence_terms_add_up(framed):
         assert module.terms(model, moved)["n_constrained"] == pytest.approx(t["n_constrained"])
     else:
         assert module.terms(model, moved)["n_constrained"] != pytest.approx(t["n_constrained"])
+
+
+def test_evidence_line_parabola_peak():
+    """validation/evidence_line.py's peak: the vertex of a sampled parabola is recovered
+    exactly; a best value at an end of the line gives None."""
+    spec = importlib.util.spec_from_file_location(
+        "evidence_line", SCRIPT.parent / "evidence_line.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ts = [-0.5, 0.0, 0.5, 1.0, 1.5]
+    for vertex in (0.0, 0.37, 0.9):
+        values = [100.0 - 7.0 * (t - vertex) ** 2 for t in ts]
+        assert module.parabola_peak(ts, values) == pytest.approx(vertex)
+    assert module.parabola_peak(ts, [5.0 - t for t in ts]) is None      # best at t = -0.5
+    assert module.parabola_peak(ts, [1.0] * 5) is None                  # flat: best at an end
+    # a tie: the parabola through (-0.5, 0), (0, 1), (0.5, 1) peaks half-way, at 0.25
+    assert module.parabola_peak(ts, [0.0, 1.0, 1.0, 1.0, 0.0]) == pytest.approx(0.25)

@@ -17,6 +17,13 @@ the joint log posterior at the correction's posterior mean ``w*`` (the fit and e
 the Occam factor ``-1/2 log det A``, the number of correction values the data constrain, and
 the source stamp's half-width ``src_s`` (arcsec), which sets the size of the correction's
 pixels on the sky.
+
+With ``--at-truth`` it adds the same terms at the true lens (every other site, the correction's
+settings included, at the evidence maximum): if the evidence there is lower than at the maximum,
+the evidence itself prefers the lens it found, and the error is the model's, not the search's.
+With ``--truth-frame`` (for a ``--evidence-frame`` search) it adds both, the maximum and the
+truth, with the grid moved onto the mock source's own stamp (centre and half-width of the
+truth): whether the frame the search chose decides which lens wins.
 """
 import argparse
 import json
@@ -53,6 +60,11 @@ def main(argv=None):
     ap.add_argument("saved", help="the --save DIR of from_truth.py")
     ap.add_argument("--seeds", type=int, nargs="+", required=True)
     ap.add_argument("--cosmos-root", default="../shared/data/hst_galaxy_stamps")
+    ap.add_argument("--at-truth", action="store_true",
+                    help="also the terms at the true lens (the rest at the evidence maximum)")
+    ap.add_argument("--truth-frame", action="store_true",
+                    help="also both points with the correction's grid on the true source "
+                         "stamp (files of from_truth.py --evidence-frame)")
     ap.add_argument("--source-correction", type=float, default=0.1, metavar="SIGMA",
                     help="the joint modes' correction sd, for files saved without settings")
     args = ap.parse_args(argv)
@@ -79,8 +91,21 @@ def main(argv=None):
                 **saved["evidence_correction"]))
         # sites held during the search (--evidence-hold) keep their joint-mode values
         at_max = {**saved["released"], **saved["evidence_max"]}
-        print(json.dumps(dict(seed=seed, released=terms(model, saved["released"]),
-                              evidence_max=terms(searched, at_max))), flush=True)
+        row = dict(seed=seed, released=terms(model, saved["released"]),
+                   evidence_max=terms(searched, at_max))
+        at_truth = {**at_max, **{k: obs.truth[k] for k in searched.lens_sites}}
+        if args.at_truth:
+            row["at_truth"] = terms(searched, at_truth)
+        if args.truth_frame:
+            if "evidence_correction" not in saved:
+                ap.error(f"--truth-frame: seed {seed} was not searched with --evidence-frame")
+            frame = tuple(float(obs.truth[k]) for k in ("src_x0", "src_y0", "src_s"))
+            on_truth = build_model(obs, source="vae", source_correction=PixelCorrection(
+                **{**saved["evidence_correction"], "frame": frame}))
+            row["truth_frame"] = dict(frame=[round(v, 5) for v in frame],
+                                      evidence_max=terms(on_truth, at_max),
+                                      at_truth=terms(on_truth, at_truth))
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
