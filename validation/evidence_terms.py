@@ -24,6 +24,12 @@ the evidence itself prefers the lens it found, and the error is the model's, not
 With ``--truth-frame`` (for a ``--evidence-frame`` search) it adds both, the maximum and the
 truth, with the grid moved onto the mock source's own stamp (centre and half-width of the
 truth): whether the frame the search chose decides which lens wins.
+With ``--line`` (issue 7, section 3g) it adds the exact evidence on the line from the truth to
+the maximum, ``theta(t) = theta_true + t (theta_max - theta_true)`` (every other site at the
+maximum), for each prior sd of ``--line-sigmas`` (the searched correction's regularisation and
+grid), with ``t_peak``, the vertex of the parabola through the best ``t`` and its neighbours
+(``t = 0`` the truth, ``t = 1`` the maximum; null where the best is at an end).  If ``t_peak``
+fell toward 0 as the sd grows, a weaker source prior would leave the lens nearer the truth.
 """
 import argparse
 import json
@@ -55,6 +61,34 @@ def terms(model, values):
                 src_s=round(float(values["src_s"]), 4) if "src_s" in values else None)
 
 
+def parabola_peak(ts, values):
+    """The vertex of the parabola through the best of ``values`` and its two neighbours (``ts``
+    ascending, equally spaced); None if the best is at an end."""
+    i = max(range(len(values)), key=values.__getitem__)
+    if i in (0, len(values) - 1):
+        return None
+    y0, y1, y2 = values[i - 1:i + 2]
+    curvature = y0 - 2 * y1 + y2
+    if curvature >= 0:
+        return None
+    return ts[i] + 0.5 * (ts[i + 1] - ts[i]) * (y0 - y2) / curvature
+
+
+def evidence_line(model, at_max, truth, ts, sigmas):
+    """The evidence (nats) at ``theta(t)`` for each ``t`` in ``ts`` and each sd in ``sigmas``,
+    with ``t_peak`` per sd: JSON-ready (see the module doc)."""
+    curves = {s: [] for s in sigmas}
+    for t in ts:
+        values = {k: model.tensor(v) for k, v in at_max.items()}
+        for k in model.lens_sites:
+            values[k] = model.tensor(truth[k] + t * (float(at_max[k]) - truth[k]))
+        ev = correction_evidence(model, values, sigmas=sigmas)
+        for s in sigmas:
+            curves[s].append(round(ev.by_sigma[s], 1))
+    return dict(t=list(ts), by_sigma={str(s): dict(log_evidence=v, t_peak=None if (
+        p := parabola_peak(ts, v)) is None else round(p, 2)) for s, v in curves.items()})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("saved", help="the --save DIR of from_truth.py")
@@ -65,6 +99,14 @@ def main(argv=None):
     ap.add_argument("--truth-frame", action="store_true",
                     help="also both points with the correction's grid on the true source "
                          "stamp (files of from_truth.py --evidence-frame)")
+    ap.add_argument("--line", action="store_true",
+                    help="also the evidence on the line from the truth to the maximum")
+    ap.add_argument("--line-steps", type=float, nargs="+", default=(-0.5, 0.0, 0.5, 1.0, 1.5),
+                    metavar="T", help="positions t on that line (0: truth, 1: maximum), "
+                                      "equally spaced")
+    ap.add_argument("--line-sigmas", type=float, nargs="+",
+                    default=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0), metavar="SIGMA",
+                    help="prior sds of the correction on that line (fractions of its flux)")
     ap.add_argument("--source-correction", type=float, default=0.1, metavar="SIGMA",
                     help="the joint modes' correction sd, for files saved without settings")
     args = ap.parse_args(argv)
@@ -105,6 +147,10 @@ def main(argv=None):
             row["truth_frame"] = dict(frame=[round(v, 5) for v in frame],
                                       evidence_max=terms(on_truth, at_max),
                                       at_truth=terms(on_truth, at_truth))
+        if args.line:
+            row["line"] = evidence_line(searched, at_max,
+                                        {k: float(obs.truth[k]) for k in searched.lens_sites},
+                                        sorted(args.line_steps), tuple(args.line_sigmas))
         print(json.dumps(row), flush=True)
 
 

@@ -30,10 +30,9 @@ import argparse
 import json
 import math
 
-import numpy as np
 import torch
 
-from difflens.datasets.mocks import held_out_galaxies, simulate_mock
+from difflens.datasets.mocks import galaxy_stamp, held_out_galaxies, simulate_mock
 from difflens.model import ellipticity_to_q_phi
 from difflens.simulate import Simulator
 from difflens.sources import PixelSource
@@ -41,13 +40,6 @@ from difflens.sources import PixelSource
 FREE = ("r_ein", "e1", "e2", "gamma", "x0", "y0", "g1", "g2", "src_x0", "src_y0", "log_s",
         "src_amp")
 REPORTED = ("r_ein", "gamma", "q", "theta_E")
-
-
-def true_stamp(obs, galaxies):
-    """The source stamp ``simulate_mock`` drew for ``obs`` (its galaxy, rotation, peak 1)."""
-    stamp = np.rot90(np.asarray(galaxies[obs.truth["galaxy"]], dtype=np.float64),
-                     obs.truth["rotation_deg"] // 90)
-    return torch.as_tensor(np.ascontiguousarray(stamp / stamp.max()))
 
 
 def vae_drawing(stamp, vae, steps=300):
@@ -144,7 +136,7 @@ def main(argv=None):
     for seed in args.seeds:
         obs = simulate_mock(seed, noise_sigma=args.noise_sigma, source="galaxy",
                             galaxies=galaxies)
-        stamp = true_stamp(obs, galaxies)
+        stamp = torch.as_tensor(galaxy_stamp(galaxies, seed)[0])
         template = stamp
         if vae is not None:
             template = vae_drawing(stamp, vae)

@@ -190,6 +190,27 @@ def held_out_galaxies(root, vae=None, apodise=False):
     return images, test.ident
 
 
+def galaxy_stamp(galaxies, seed):
+    """The source stamp of mock ``seed`` with ``source="galaxy"``: stamp ``seed % N`` of
+    ``galaxies`` (N, 64, 64), rotated by ``90 * ((seed // N) % 4)`` degrees, peak 1.
+
+    Returns
+    -------
+    (ndarray (64, 64), int, int) : the stamp, the galaxy index, the rotation (degrees).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> stamp, index, rotation = galaxy_stamp(np.arange(2 * 4.0).reshape(2, 2, 2), 3)
+    >>> index, rotation, float(stamp.max())
+    (1, 90, 1.0)
+    """
+    n = len(galaxies)
+    index, rotation = seed % n, 90 * ((seed // n) % 4)
+    stamp = np.rot90(np.asarray(galaxies[index], dtype=np.float64), rotation // 90)
+    return np.ascontiguousarray(stamp / stamp.max()), index, rotation
+
+
 def simulate_mock(seed=0, *, noise_sigma=0.1, npix=256, pixel_scale=0.04, psf_sigma=0.05,
                   source="vae", vae=None, galaxies=None) -> Observation:
     """A complete mock: lens from the default priors, source a VAE decode, a real galaxy or a
@@ -246,9 +267,7 @@ def simulate_mock(seed=0, *, noise_sigma=0.1, npix=256, pixel_scale=0.04, psf_si
         if galaxies is None or np.ndim(galaxies) != 3 or len(galaxies) == 0:
             raise ValueError("source='galaxy' needs galaxies=, stamps of shape (N, 64, 64), "
                              "e.g. held_out_galaxies(root)[0]")
-        n = len(galaxies)
-        stamp = np.rot90(np.asarray(galaxies[seed % n], dtype=np.float64), (seed // n) % 4)
-        stamp = np.ascontiguousarray(stamp / stamp.max())
+        stamp, index, rotation = galaxy_stamp(galaxies, seed)
         z = None
     else:
         raise ValueError(f"source must be 'vae', 'galaxy' or 'sersic', got {source!r}")
@@ -256,7 +275,7 @@ def simulate_mock(seed=0, *, noise_sigma=0.1, npix=256, pixel_scale=0.04, psf_si
                        pixel_scale=pixel_scale, psf_sigma=psf_sigma, seed=seed)
     obs.truth.update(e1=lens["e1"], e2=lens["e2"])
     if source == "galaxy":
-        obs.truth.update(galaxy=int(seed % len(galaxies)), rotation_deg=90 * ((seed // len(galaxies)) % 4))
+        obs.truth.update(galaxy=int(index), rotation_deg=rotation)
     if z is not None:
         obs.truth["z"] = z.numpy().tolist()
     return obs
