@@ -43,7 +43,7 @@ REPORTED = ("r_ein", "gamma", "q", "theta_E")
 
 
 def vae_drawing(stamp, vae, steps=300):
-    """The shipped VAE's closest stamp to ``stamp`` (64 x 64, peak 1): ``amp * mu_d(z)`` with
+    """``vae``'s closest stamp to ``stamp`` (64 x 64, peak 1): ``amp * mu_d(z)`` with
     ``z`` and ``amp`` fitted by least squares (L-BFGS from the encoder's mean), peak-normalised."""
     x = stamp.to(torch.float32)[None]
     with torch.no_grad():
@@ -71,8 +71,8 @@ def derived(p):
 
 
 def oracle_fit(obs, stamp, max_iter=200):
-    """Maximise the likelihood of ``obs`` over :data:`FREE` with the true ``stamp`` as the
-    source, from the truth; returns (estimate, truth, covariance of the estimate, chi^2)
+    """Maximise the likelihood of ``obs`` over :data:`FREE` with ``stamp`` (the true one, or a
+    template) as the source, from the truth; returns (estimate, truth, covariance of the estimate, chi^2)
     (the covariance of ``r_ein, gamma, q, theta_E``: the inverse Fisher matrix, propagated)."""
     t = obs.truth
     sim = Simulator(npix=obs.shape, pixel_scale=obs.pixel_scale,
