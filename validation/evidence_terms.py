@@ -135,7 +135,8 @@ def main(argv=None):
         at_max = {**saved["released"], **saved["evidence_max"]}
         row = dict(seed=seed, released=terms(model, saved["released"]),
                    evidence_max=terms(searched, at_max))
-        at_truth = {**at_max, **{k: obs.truth[k] for k in searched.lens_sites}}
+        true_lens = {k: float(obs.truth[k]) for k in searched.lens_sites}
+        at_truth = {**at_max, **true_lens}
         if args.at_truth:
             row["at_truth"] = terms(searched, at_truth)
         if args.truth_frame:
@@ -148,9 +149,8 @@ def main(argv=None):
                                       evidence_max=terms(on_truth, at_max),
                                       at_truth=terms(on_truth, at_truth))
         if args.line:
-            row["line"] = evidence_line(searched, at_max,
-                                        {k: float(obs.truth[k]) for k in searched.lens_sites},
-                                        sorted(args.line_steps), tuple(args.line_sigmas))
+            row["line"] = evidence_line(searched, at_max, true_lens, sorted(args.line_steps),
+                                        tuple(args.line_sigmas))
         print(json.dumps(row), flush=True)
 
 

@@ -12,9 +12,10 @@ free beside the eight lens parameters -- the oracle source model.  The fit maxim
 Gaussian likelihood (eq. 9; flat priors) by L-BFGS from the truth, and the inverse Fisher
 matrix ``F = J^T J / sigma^2`` (``J`` the image's Jacobian in ``r_ein, e1, e2, gamma, x0, y0,
 g1, g2`` and the placement, by central differences: the deflection table has no second
-derivatives) gives each parameter's sd -- the Laplace covariance of a fit at the noise level.  One JSON line per seed: the errors (%) of r_ein,
-gamma, q, theta_E = sqrt(q) r_ein, their sds (%) and ``z = error / sd``, the reduced chi^2
-(or ``"failed"`` with the reason, where the fit left the lens's domain, e.g. gamma >= 3).
+derivatives) gives each parameter's sd -- the Laplace covariance of a fit at the noise
+level.  One JSON line per seed: the errors (%) of r_ein, gamma, q, theta_E = sqrt(q) r_ein,
+their sds (%) and ``z = error / sd``, the reduced chi^2 (or ``"failed"`` with the reason,
+where the fit left the lens's domain, e.g. gamma >= 3).
 
 With the right source every ``z`` should be ~N(0, 1): the errors are the noise's, and the 1%
 target of issue 7 is then a question of the source model alone.
@@ -72,8 +73,8 @@ def derived(p):
 
 def oracle_fit(obs, stamp, max_iter=200):
     """Maximise the likelihood of ``obs`` over :data:`FREE` with ``stamp`` (the true one, or a
-    template) as the source, from the truth; returns (estimate, truth, covariance of the estimate, chi^2)
-    (the covariance of ``r_ein, gamma, q, theta_E``: the inverse Fisher matrix, propagated)."""
+    template) as the source, from the truth; returns (estimate, truth, covariance, chi^2) of
+    ``r_ein, gamma, q, theta_E`` (the covariance: the inverse Fisher matrix, propagated)."""
     t = obs.truth
     sim = Simulator(npix=obs.shape, pixel_scale=obs.pixel_scale,
                     psf=torch.as_tensor(obs.psf), dtype=torch.float64)
