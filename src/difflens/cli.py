@@ -51,8 +51,14 @@ def _cmd_train_vae(args):
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
                       patience=args.patience, max_minutes=args.max_minutes, seed=args.seed,
                       prior_scale=args.prior_scale, device=args.device)
+    init = None
+    if args.init_from is not None:
+        from .sources.vae import load_vae
+
+        init = load_vae(Path(args.init_from) / "vae_decoder.pt",
+                        Path(args.init_from) / "vae_encoder.pt")
     vae = train_vae(data["train"], data["val"], args.workdir, VAEConfig(width=args.width), cfg,
-                    card=data["card"])
+                    card=data["card"], init=init)
     if len(data["test"]):
         chi2 = reconstruction_chi2(vae, data["test"])
         vae.card["test_chi2_per_pixel"] = [round(float(c), 3) for c in chi2]
@@ -279,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the networks train")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="fine-tune: start from the vae_decoder.pt / vae_encoder.pt in DIR "
+                        "(same --width), e.g. data/ for the shipped weights")
     p.set_defaults(func=_cmd_train_vae)
     return parser
 

@@ -80,6 +80,20 @@ def test_short_training_improves_elbo_and_round_trips(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         train_vae(train[:, :32, :32], val, tmp_path / "w2", cfg, progress=False)
 
+    # fine-tuning from these weights starts where the first run ended, not from scratch
+    tuned = train_vae(train, val, tmp_path / "ft", cfg,
+                      TrainConfig(lr=2e-4, batch_size=16, max_epochs=1, patience=10),
+                      progress=False, init=again)
+    first = __import__("json").loads((tmp_path / "ft" / "history.json").read_text())[0]
+    assert first["val_elbo"] > hist[0]["val_elbo"] + 0.8 * (hist[-1]["val_elbo"]
+                                                            - hist[0]["val_elbo"])
+    assert tuned.card["initialised_from"]["epochs"] == 4
+    with pytest.raises(ValueError, match="architecture"):
+        train_vae(train, val, tmp_path / "ft2", VAEConfig(width=0.25), progress=False, init=again)
+    with pytest.raises(ValueError, match="encoder"):
+        train_vae(train, val, tmp_path / "ft3", cfg, progress=False,
+                  init=load_vae(tmp_path / "dec.pt"))
+
 
 @pytest.mark.skipif(not default_vae_paths()[0].exists(), reason="shipped VAE weights not built")
 def test_shipped_weights_decode_deterministically():

@@ -104,8 +104,8 @@ def elbo_per_image(svi, x: torch.Tensor, batch_size=256) -> float:
 
 
 def train_vae(train: np.ndarray, val: np.ndarray, workdir, vae_config: VAEConfig = VAEConfig(),
-              config: TrainConfig = TrainConfig(), progress=True, card: dict | None = None
-              ) -> VAESource:
+              config: TrainConfig = TrainConfig(), progress=True, card: dict | None = None,
+              init: VAESource | None = None) -> VAESource:
     """Train (or resume training) a VAE and fit its latent prior.
 
     Parameters
@@ -117,6 +117,10 @@ def train_vae(train: np.ndarray, val: np.ndarray, workdir, vae_config: VAEConfig
     vae_config, config : architecture and training settings.
     card : dict, optional
         Extra facts (data provenance) stored with the weights.
+    init : VAESource, optional
+        Trained weights (encoder included, e.g. ``load_default_vae(with_encoder=True)``) to
+        start from instead of a random initialisation: fine-tuning.  Its architecture must equal
+        ``vae_config``.  Ignored when ``workdir`` holds a checkpoint (the run resumes).
 
     Returns
     -------
@@ -146,7 +150,15 @@ def train_vae(train: np.ndarray, val: np.ndarray, workdir, vae_config: VAEConfig
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"TrainConfig.device is {config.device!r} but torch sees no CUDA GPU")
-    enc, dec = Encoder(vae_config).to(device), Decoder(vae_config).to(device)
+    enc, dec = Encoder(vae_config), Decoder(vae_config)
+    if init is not None:
+        if init.encoder is None:
+            raise ValueError("init: fine-tuning needs the encoder too (with_encoder=True)")
+        if init.config != vae_config:
+            raise ValueError(f"init: its architecture {init.config} differs from {vae_config}")
+        enc.load_state_dict(init.encoder.state_dict())
+        dec.load_state_dict(init.decoder.state_dict())
+    enc, dec = enc.to(device), dec.to(device)
     model, guide = _pyro_pieces(vae_config, enc, dec)
     # Adam with the paper's betas; gradient-norm clipping guards the first steps
     optim = ClippedAdam({"lr": config.lr, "betas": (0.5, 0.999), "clip_norm": 100.0})
@@ -227,11 +239,19 @@ def train_vae(train: np.ndarray, val: np.ndarray, workdir, vae_config: VAEConfig
     prior = LatentPrior.fit(means, scale=config.prior_scale)
     last = state["history"][-1]
     info = dict(card or {}, vae_config=asdict(vae_config), train_config=asdict(config),
+                initialised_from=None if init is None else _lineage(init.card),
                 epochs=state["epoch"], best_epoch=state["best_epoch"],
                 best_val_elbo=state["best_val"], final_train_elbo=last["train_elbo"],
                 wall_minutes=round(state["seconds"] / 60, 1), n_train=len(train),
                 n_val=len(val))
     return VAESource(dec, prior, vae_config, enc, info)
+
+
+def _lineage(card: dict | None) -> dict:
+    """What a fine-tuned network started from: the training facts of ``card`` (no identifiers)."""
+    keep = ("vae_config", "train_config", "epochs", "best_epoch", "best_val_elbo", "wall_minutes",
+            "n_train", "n_val", "initialised_from")
+    return {k: v for k, v in (card or {}).items() if k in keep}
 
 
 def prepare_training_data(cosmos_root, *, n_synthetic=6000, selection=None, seed=0,
