@@ -1,7 +1,7 @@
 """The error floor of the data: mocks with real galaxies fitted with their own source (issue 7).
 
     python validation/oracle_source.py --seeds 0 1 2 3 [--no-apodise] [--template vae]
-        [--blur S]
+        [--vae-dir DIR] [--blur S]
 
 Sections 3-3g find the slope of mocks with held-out real galaxies biased by 1-9% under every
 source model tried.  This is the control that separates the source model from everything else
@@ -125,15 +125,22 @@ def main(argv=None):
                     help="smooth the true stamp by a Gaussian of sd S stamp pixels (default 0)")
     ap.add_argument("--noise-sigma", type=float, default=0.1)
     ap.add_argument("--cosmos-root", default="../shared/data/hst_galaxy_stamps")
+    ap.add_argument("--vae-dir", default=None, metavar="DIR",
+                    help="with --template vae: the vae_decoder.pt / vae_encoder.pt in DIR "
+                         "(default: the shipped weights), e.g. a train-vae --out folder")
     args = ap.parse_args(argv)
     if args.blur < 0 or (args.blur > 0 and args.template == "vae"):
         ap.error("--blur takes an sd >= 0 (stamp pixels), and only with --template truth")
     galaxies = held_out_galaxies(args.cosmos_root, apodise=not args.no_apodise)[0]
     vae = None
     if args.template == "vae":
-        from difflens.sources.vae import load_default_vae
+        from pathlib import Path
 
-        vae = load_default_vae(with_encoder=True)
+        from difflens.sources.vae import load_default_vae, load_vae
+
+        folder = Path(args.vae_dir) if args.vae_dir else None
+        vae = (load_default_vae(with_encoder=True) if folder is None else
+               load_vae(folder / "vae_decoder.pt", folder / "vae_encoder.pt"))
     for seed in args.seeds:
         obs = simulate_mock(seed, noise_sigma=args.noise_sigma, source="galaxy",
                             galaxies=galaxies)

@@ -45,7 +45,7 @@ def _cmd_train_vae(args):
     sel = Selection(min_size=args.min_size,
                     snr_range=None if args.no_snr_cut else (args.snr_min, args.snr_max))
     data = prepare_training_data(args.cosmos_root, n_synthetic=args.n_synthetic, selection=sel,
-                                 seed=args.seed, workdir=args.workdir)
+                                 seed=args.seed, workdir=args.workdir, real_repeat=args.real_repeat)
     print(f"training stamps {len(data['train'])}, validation stamps {len(data['val'])}, "
           f"held-out real test galaxies {len(data['test'])}")
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data", help="where vae_decoder.pt / vae_encoder.pt go")
     p.add_argument("--workdir", default="build/vae", help="checkpoints (a rerun resumes)")
     p.add_argument("--n-synthetic", type=int, default=6000)
+    p.add_argument("--real-repeat", type=int, default=1, metavar="K",
+                   help="list each augmented real training stamp K times (weights real galaxies "
+                        "against the synthetic ones)")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = paper)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=32)

@@ -83,3 +83,27 @@ def test_missing_catalogue_is_a_clear_error(tmp_path):
         read_catalog(tmp_path / "real_galaxy_catalog_x.fits")
     with pytest.raises(FileNotFoundError, match="no real_galaxy_catalog"):
         load_cosmos(tmp_path)
+
+
+def test_training_mix_holds_out_test_galaxies_and_repeats_real_ones():
+    from difflens.sources.vae_training import prepare_training_data
+
+    sel = Selection(snr_range=None)
+    one = prepare_training_data(ROOT, n_synthetic=0, selection=sel)
+    three = prepare_training_data(ROOT, n_synthetic=0, selection=sel, real_repeat=3)
+    card = one["card"]
+    n_train = len(card["real_train"])
+    assert len(one["train"]) == 8 * n_train                  # the 8 dihedral symmetries
+    assert len(three["train"]) == 3 * 8 * n_train
+    np.testing.assert_array_equal(three["train"][8 * n_train:16 * n_train], one["train"])
+    # no held-out galaxy, in any orientation, is among the training stamps
+    test = one["test"].images
+    for k in range(4):
+        for flip in (False, True):
+            t = np.rot90(test, k, axes=(1, 2))
+            t = t[:, :, ::-1] if flip else t
+            gap = np.abs(one["train"][:, None] - t[None]).max(axis=(2, 3))
+            assert gap.min() > 1e-3
+    assert set(card["real_test_held_out"]).isdisjoint(card["real_train"] + card["real_val"])
+    with pytest.raises(ValueError, match="real_repeat"):
+        prepare_training_data(ROOT, n_synthetic=0, selection=sel, real_repeat=0)

@@ -255,13 +255,15 @@ def _lineage(card: dict | None) -> dict:
 
 
 def prepare_training_data(cosmos_root, *, n_synthetic=6000, selection=None, seed=0,
-                          split_fractions=(0.6, 0.15, 0.25), workdir=None):
+                          split_fractions=(0.6, 0.15, 0.25), workdir=None, real_repeat=1):
     """Assemble the default training mix.
 
     Real galaxies below ``cosmos_root`` (any GalSim RealGalaxyCatalog files) are selected and split
     into train / validation / test; the test galaxies are held out from everything.  Real training
     stamps are augmented with the 8 dihedral symmetries; ``n_synthetic`` GalSim galaxies
     (:mod:`difflens.datasets.synthetic`, cached in ``workdir``) are split 95 / 5 into train / val.
+    ``real_repeat`` (integer >= 1) lists the augmented real training stamps that many times, to
+    weight real morphology against the synthetic galaxies when real ones are few.
 
     Returns
     -------
@@ -276,6 +278,8 @@ def prepare_training_data(cosmos_root, *, n_synthetic=6000, selection=None, seed
     from ..datasets.cosmos import GalaxyStamps, Selection, load_cosmos, split
     from ..datasets.synthetic import synthetic_galaxies
 
+    if int(real_repeat) != real_repeat or real_repeat < 1:
+        raise ValueError(f"real_repeat must be an integer >= 1, got {real_repeat}")
     selection = selection or Selection()
     real = load_cosmos(cosmos_root, selection)
     r_train, r_val, r_test = split(real, split_fractions, seed=seed)
@@ -290,7 +294,7 @@ def prepare_training_data(cosmos_root, *, n_synthetic=6000, selection=None, seed
             cache.parent.mkdir(parents=True, exist_ok=True)
             np.savez(cache, images=synth.images, noise_sigma=synth.noise_sigma, ident=synth.ident)
     n_syn_val = int(round(0.05 * n_synthetic)) if n_synthetic else 0
-    parts_train = [dihedral_augment(r_train.images)]
+    parts_train = [np.tile(dihedral_augment(r_train.images), (int(real_repeat), 1, 1))]
     parts_val = [r_val.images]
     if synth is not None:
         parts_train.append(synth.images[n_syn_val:])
@@ -298,7 +302,8 @@ def prepare_training_data(cosmos_root, *, n_synthetic=6000, selection=None, seed
     card = dict(real_counts=real.counts, selection=asdict(selection),
                 real_train=r_train.ident.tolist(), real_val=r_val.ident.tolist(),
                 real_test_held_out=r_test.ident.tolist(), n_synthetic=n_synthetic,
-                augmentation="8 dihedral symmetries of each real training stamp")
+                augmentation="8 dihedral symmetries of each real training stamp",
+                real_repeat=int(real_repeat))
     return dict(train=np.concatenate(parts_train), val=np.concatenate(parts_val), test=r_test,
                 real_val=r_val, card=card)
 
