@@ -226,3 +226,56 @@ def test_oracle_source_vae_drawing_of_a_decode_is_the_decode():
     drawing = module.vae_drawing(stamp, vae)
     assert float(drawing.max()) == pytest.approx(1.0)
     assert float((drawing - stamp).norm() / stamp.norm()) < 0.01
+
+
+def test_oracle_source_main_reads_vae_dir_and_records_failed_fits(tmp_path, monkeypatch, capsys):
+    """validation/oracle_source.py end to end on a small stand-in: ``--vae-dir`` loads those
+    weights (a tiny untrained VAE here: its drawing of a blob is poor, so the recorded template
+    residual is large), a fit that leaves the lens's domain is one ``failed`` line naming the
+    reason and the study goes on with the next seed."""
+    import torch
+
+    from difflens.sources.vae import Decoder, Encoder, LatentPrior, VAEConfig, VAESource
+
+    spec = importlib.util.spec_from_file_location(
+        "oracle_source", SCRIPT.parent / "oracle_source.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    cfg = VAEConfig(width=0.125)
+    tiny = VAESource(Decoder(cfg).eval(), LatentPrior(torch.zeros(64), torch.eye(64)), cfg,
+                     Encoder(cfg).eval(), {})
+    tiny.save(tmp_path / "vae_decoder.pt", tmp_path / "vae_encoder.pt")
+    y, x = np.mgrid[-1:1:64j, -1:1:64j]
+    blobs = np.stack([np.exp(-((x - 0.2) ** 2 + y ** 2) / 0.05)] * 2)
+    monkeypatch.setattr(module, "held_out_galaxies", lambda root, apodise: (blobs, None))
+    small = module.simulate_mock
+    monkeypatch.setattr(module, "simulate_mock", lambda seed, **kw: small(
+        seed, npix=32, pixel_scale=0.16, **kw))
+    seen = []
+
+    def fit(obs, stamp):
+        seen.append(stamp)
+        if len(seen) == 1:
+            raise ValueError("gamma left its domain")
+        t = torch.tensor([obs.truth["r_ein"], obs.truth["gamma"], obs.truth["q"], 1.0],
+                         dtype=torch.float64)
+        return t * 1.01, t, torch.diag((0.01 * t) ** 2), float(obs.image.size)
+
+    monkeypatch.setattr(module, "oracle_fit", fit)
+    drawn_by = []
+    draw = module.vae_drawing
+    monkeypatch.setattr(module, "vae_drawing", lambda stamp, vae: (
+        drawn_by.append(vae.config), draw(stamp, vae, steps=3))[1])
+    module.main(["--seeds", "0", "1", "--template", "vae", "--vae-dir", str(tmp_path)])
+    assert drawn_by == [cfg, cfg]
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    assert lines[0]["seed"] == 0 and lines[0]["failed"] == "gamma left its domain"
+    assert lines[1]["seed"] == 1 and "failed" not in lines[1]
+    assert lines[1]["r_ein"]["error_percent"] == pytest.approx(1.0)
+    assert lines[1]["r_ein"]["z"] == pytest.approx(1.0)
+    # the template is the tiny VAE's drawing (peak 1), not the blob itself
+    assert float(seen[1].max()) == pytest.approx(1.0)
+    assert lines[1]["template_residual"] > 0.05
+    with pytest.raises(FileNotFoundError, match="decoder"):
+        module.main(["--seeds", "0", "--template", "vae", "--vae-dir", str(tmp_path / "none")])
