@@ -90,6 +90,10 @@ def test_short_training_improves_elbo_and_round_trips(tmp_path):
     assert tuned.card["initialised_from"]["epochs"] == 4
     with pytest.raises(ValueError, match="architecture"):
         train_vae(train, val, tmp_path / "ft2", VAEConfig(width=0.25), progress=False, init=again)
+    again.card = dict(real_train=["cat:1", "cat:2"], real_val=["cat:3"])
+    with pytest.raises(ValueError, match=r"held-out.*cat:3"):
+        train_vae(train, val, tmp_path / "ft4", cfg, progress=False, init=again,
+                  card=dict(real_test_held_out=["cat:3", "cat:9"]))
     with pytest.raises(ValueError, match="encoder"):
         train_vae(train, val, tmp_path / "ft3", cfg, progress=False,
                   init=load_vae(tmp_path / "dec.pt"))

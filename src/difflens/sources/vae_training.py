@@ -120,7 +120,9 @@ def train_vae(train: np.ndarray, val: np.ndarray, workdir, vae_config: VAEConfig
     init : VAESource, optional
         Trained weights (encoder included, e.g. ``load_default_vae(with_encoder=True)``) to
         start from instead of a random initialisation: fine-tuning.  Its architecture must equal
-        ``vae_config``.  Ignored when ``workdir`` holds a checkpoint (the run resumes).
+        ``vae_config``, and no galaxy its card lists as trained on (``real_train``,
+        ``real_val``) may be in ``card["real_test_held_out"]``.  Ignored when ``workdir``
+        holds a checkpoint (the run resumes).
 
     Returns
     -------
@@ -156,6 +158,12 @@ def train_vae(train: np.ndarray, val: np.ndarray, workdir, vae_config: VAEConfig
             raise ValueError("init: fine-tuning needs the encoder too (with_encoder=True)")
         if init.config != vae_config:
             raise ValueError(f"init: its architecture {init.config} differs from {vae_config}")
+        seen = set((init.card or {}).get("real_train", [])) | set(
+            (init.card or {}).get("real_val", []))
+        leaked = sorted(seen & set((card or {}).get("real_test_held_out", [])))
+        if leaked:
+            raise ValueError(f"init: these held-out test galaxies were trained on by the weights "
+                             f"it starts from: {leaked}; split with the seed those weights used")
         enc.load_state_dict(init.encoder.state_dict())
         dec.load_state_dict(init.decoder.state_dict())
     enc, dec = enc.to(device), dec.to(device)
