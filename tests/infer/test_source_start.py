@@ -1,4 +1,6 @@
 """The source read off the data: back-projection through the lens equation and the encoder start."""
+import math
+
 import pyro
 import pytest
 import torch
@@ -71,24 +73,31 @@ def test_back_projection_conserves_surface_brightness(vae):
 def test_encoded_source_explains_the_arcs_better_than_the_prior_mean(vae):
     """At the true lens, the source read off the noisy, PSF-blurred arcs (placement + encoder
     latent, amplitude solved) fits the data far better than the latent prior's mean galaxy (the
-    MAP's other starts) in the same place: less than half its excess chi^2 over noise."""
-    z = _truth_source(vae)
-    model, _ = _model(vae, z, 0.02, 0.05)
-    start = source_from_arcs(model, _sites(LENS))
-    assert set(start) == {"src_x0", "src_y0", "src_s", "src_amp", "z"}
-    assert abs(float(start["src_s"]) / PLACE["s"] - 1) < 0.5
+    MAP's other starts) in the same place: less than half its excess chi^2 over noise, for each
+    of four galaxies.  Its half-width is a start, not an estimate: within a factor of 2 of the
+    truth for each galaxy and within 30% in the median (measured 1.01-1.73, median 1.16)."""
+    ratios = []
+    for seed in range(4):
+        z = _truth_source(vae, seed)
+        model, _ = _model(vae, z, 0.02, 0.05)
+        start = source_from_arcs(model, _sites(LENS))
+        assert set(start) == {"src_x0", "src_y0", "src_s", "src_amp", "z"}
+        ratios.append(float(start["src_s"]) / PLACE["s"])
 
-    def chi2(z_start):
-        sim = model.simulator
-        with torch.no_grad():
-            stamp = model.vae.decode(z_start)
-            unit = sim.image(LENS, PixelSource(stamp, x0=start["src_x0"], y0=start["src_y0"],
-                                               s=start["src_s"], amp=1.0))
-            amp = (model.data * unit).sum() / (unit * unit).sum()     # exact linear amplitude
-            return float((((model.data - amp * unit) / model.noise_sigma) ** 2).mean())
+        def chi2(z_start):
+            sim = model.simulator
+            with torch.no_grad():
+                stamp = model.vae.decode(z_start)
+                unit = sim.image(LENS, PixelSource(stamp, x0=start["src_x0"], y0=start["src_y0"],
+                                                   s=start["src_s"], amp=1.0))
+                amp = (model.data * unit).sum() / (unit * unit).sum()   # exact linear amplitude
+                return float((((model.data - amp * unit) / model.noise_sigma) ** 2).mean())
 
-    encoded, mean_galaxy = chi2(start["z"]), chi2(model.z_prior.mean)
-    assert encoded - 1 < 0.5 * (mean_galaxy - 1)
+        encoded, mean_galaxy = chi2(start["z"]), chi2(model.z_prior.mean)
+        assert encoded - 1 < 0.5 * (mean_galaxy - 1), seed
+    ratios = torch.tensor(ratios)
+    assert bool((ratios.log().abs() < math.log(2)).all()), ratios
+    assert abs(float(ratios.median()) - 1) < 0.3, ratios
 
 
 def test_fit_map_adds_the_encoded_start_and_keeps_the_best_final(vae):
