@@ -248,7 +248,9 @@ def test_oracle_source_main_reads_vae_dir_and_records_failed_fits(tmp_path, monk
     tiny.save(tmp_path / "vae_decoder.pt", tmp_path / "vae_encoder.pt")
     y, x = np.mgrid[-1:1:64j, -1:1:64j]
     blobs = np.stack([np.exp(-((x - 0.2) ** 2 + y ** 2) / 0.05)] * 2)
-    monkeypatch.setattr(module, "held_out_galaxies", lambda root, apodise: (blobs, None))
+    split_of = []        # whose card names the held-out galaxies
+    monkeypatch.setattr(module, "held_out_galaxies", lambda root, vae, apodise: (
+        split_of.append(vae.config), (blobs, None))[1])
     small = module.simulate_mock
     monkeypatch.setattr(module, "simulate_mock", lambda seed, **kw: small(
         seed, npix=32, pixel_scale=0.16, **kw))
@@ -269,6 +271,7 @@ def test_oracle_source_main_reads_vae_dir_and_records_failed_fits(tmp_path, monk
         drawn_by.append(vae.config), draw(stamp, vae, steps=3))[1])
     module.main(["--seeds", "0", "1", "--template", "vae", "--vae-dir", str(tmp_path)])
     assert drawn_by == [cfg, cfg]
+    assert split_of == [cfg]          # the held-out split of the weights in --vae-dir
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
     assert lines[0]["seed"] == 0 and lines[0]["failed"] == "gamma left its domain"
     assert lines[1]["seed"] == 1 and "failed" not in lines[1]
@@ -277,5 +280,8 @@ def test_oracle_source_main_reads_vae_dir_and_records_failed_fits(tmp_path, monk
     # the template is the tiny VAE's drawing (peak 1), not the blob itself
     assert float(seen[1].max()) == pytest.approx(1.0)
     assert lines[1]["template_residual"] > 0.05
-    with pytest.raises(FileNotFoundError, match="decoder"):
+    with pytest.raises(FileNotFoundError, match="folder not found: .*none"):
         module.main(["--seeds", "0", "--template", "vae", "--vae-dir", str(tmp_path / "none")])
+    (tmp_path / "vae_encoder.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="encoder weights not found"):
+        module.main(["--seeds", "0", "--template", "vae", "--vae-dir", str(tmp_path)])

@@ -131,16 +131,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.blur < 0 or (args.blur > 0 and args.template == "vae"):
         ap.error("--blur takes an sd >= 0 (stamp pixels), and only with --template truth")
-    galaxies = held_out_galaxies(args.cosmos_root, apodise=not args.no_apodise)[0]
     vae = None
     if args.template == "vae":
-        from pathlib import Path
+        from difflens.sources.vae import load_default_vae, load_vae_dir
 
-        from difflens.sources.vae import load_default_vae, load_vae
-
-        folder = Path(args.vae_dir) if args.vae_dir else None
-        vae = (load_default_vae(with_encoder=True) if folder is None else
-               load_vae(folder / "vae_decoder.pt", folder / "vae_encoder.pt"))
+        vae = (load_default_vae(with_encoder=True) if args.vae_dir is None else
+               load_vae_dir(args.vae_dir))
+    # the galaxies these weights never saw (their card's held-out split; the shipped card's
+    # when the template is the truth)
+    galaxies = held_out_galaxies(args.cosmos_root, vae=vae, apodise=not args.no_apodise)[0]
     for seed in args.seeds:
         obs = simulate_mock(seed, noise_sigma=args.noise_sigma, source="galaxy",
                             galaxies=galaxies)

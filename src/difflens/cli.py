@@ -53,10 +53,9 @@ def _cmd_train_vae(args):
                       prior_scale=args.prior_scale, device=args.device)
     init = None
     if args.init_from is not None:
-        from .sources.vae import load_vae
+        from .sources.vae import load_vae_dir
 
-        init = load_vae(Path(args.init_from) / "vae_decoder.pt",
-                        Path(args.init_from) / "vae_encoder.pt")
+        init = load_vae_dir(args.init_from)
     vae = train_vae(data["train"], data["val"], args.workdir, VAEConfig(width=args.width), cfg,
                     card=data["card"], init=init)
     if len(data["test"]):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from difflens.sources.vae import (Decoder, Encoder, LatentPrior, VAEConfig,
-                                  default_vae_paths, load_default_vae, load_vae)
+                                  default_vae_paths, load_default_vae, load_vae,
+                                  load_vae_dir, VAESource)
 from difflens.sources.vae_training import TrainConfig, dihedral_augment, train_vae
 
 
@@ -45,6 +46,29 @@ def test_dihedral_augment():
     assert len({a.tobytes() for a in aug}) == 16     # all eight symmetries are distinct here
     np.testing.assert_array_equal(aug[2:4], x[:, :, ::-1])              # reflection
     np.testing.assert_array_equal(aug[4:6], np.rot90(x, 1, axes=(1, 2)))  # 90 degrees
+
+
+def test_load_vae_dir_reads_the_train_vae_layout(tmp_path):
+    """A folder as written by ``train-vae --out``: the same decoder and encoder come back;
+    a missing folder or file is named in the error."""
+    torch.manual_seed(3)
+    cfg = VAEConfig(width=0.125)
+    vae = VAESource(Decoder(cfg).eval(), LatentPrior(torch.randn(64), 2 * torch.eye(64)), cfg,
+                    Encoder(cfg).eval(), {"note": "tiny"})
+    vae.save(tmp_path / "vae_decoder.pt", tmp_path / "vae_encoder.pt")
+    back = load_vae_dir(tmp_path)
+    z = torch.randn(3, 64)
+    torch.testing.assert_close(back.decode(z), vae.decode(z))
+    torch.testing.assert_close(back.prior.mean, vae.prior.mean)
+    x = torch.rand(2, 64, 64)
+    # the encoder is stored in half precision
+    torch.testing.assert_close(back.encoder(x)[0], vae.encoder(x)[0], atol=2e-2, rtol=2e-2)
+    assert load_vae_dir(tmp_path, with_encoder=False).encoder is None
+    with pytest.raises(FileNotFoundError, match="folder not found"):
+        load_vae_dir(tmp_path / "elsewhere")
+    (tmp_path / "vae_encoder.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="encoder weights not found"):
+        load_vae_dir(tmp_path)
 
 
 def blobs(n, seed):

@@ -241,6 +241,34 @@ def load_vae(decoder_path, encoder_path=None, map_location="cpu") -> VAESource:
     return VAESource(dec, prior, cfg, enc, payload.get("card"))
 
 
+def load_vae_dir(folder, with_encoder: bool = True, map_location="cpu") -> VAESource:
+    """Load the ``vae_decoder.pt`` (and ``vae_encoder.pt``) that one folder holds.
+
+    The layout written by ``difflens train-vae --out DIR`` and shipped in ``data/``.
+
+    Parameters
+    ----------
+    folder : str or Path
+        Folder with ``vae_decoder.pt`` and, when ``with_encoder``, ``vae_encoder.pt``.
+    with_encoder : bool
+        Also load the encoder (needed to fine-tune and for encoded starts).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder or a weights file in it is missing (the message names the file).
+
+    Examples
+    --------
+    >>> vae = load_vae_dir("data")                     # doctest: +SKIP
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"VAE weights folder not found: {folder}")
+    return load_vae(folder / "vae_decoder.pt",
+                    folder / "vae_encoder.pt" if with_encoder else None, map_location)
+
+
 def default_vae_paths():
     """Paths of the shipped weights: ``data/vae_decoder.pt`` and ``data/vae_encoder.pt``.
 
