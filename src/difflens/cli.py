@@ -45,7 +45,8 @@ def _cmd_train_vae(args):
     sel = Selection(min_size=args.min_size,
                     snr_range=None if args.no_snr_cut else (args.snr_min, args.snr_max))
     data = prepare_training_data(args.cosmos_root, n_synthetic=args.n_synthetic, selection=sel,
-                                 seed=args.seed, workdir=args.workdir, real_repeat=args.real_repeat)
+                                 seed=args.seed, workdir=args.workdir, real_repeat=args.real_repeat,
+                                 pad_small_from=args.pad_small_from)
     print(f"training stamps {len(data['train'])}, validation stamps {len(data['val'])}, "
           f"held-out real test galaxies {len(data['test'])}")
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
@@ -273,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-repeat", type=int, default=1, metavar="K",
                    help="list each augmented real training stamp K times (weights real galaxies "
                         "against the synthetic ones)")
+    p.add_argument("--pad-small-from", type=int, default=None, metavar="N",
+                   help="also train on the real stamps smaller than --min-size but at least N "
+                        "pixels, padded with noise at their own level (S/N > 15); training "
+                        "only, the held-out split is unchanged (default: off, as the paper)")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = paper)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=32)

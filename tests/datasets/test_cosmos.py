@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from difflens.datasets.cosmos import Selection, crop_and_downscale, load_cosmos, read_catalog, split
+from difflens.datasets.cosmos import (Selection, crop_and_downscale, load_cosmos, pad_with_noise,
+                                      read_catalog, split)
 
 ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "hst_galaxy_stamps"
 pytestmark = pytest.mark.skipif(not ROOT.exists(), reason="../shared/data not available")
@@ -107,3 +108,59 @@ def test_training_mix_holds_out_test_galaxies_and_repeats_real_ones():
     assert set(card["real_test_held_out"]).isdisjoint(card["real_train"] + card["real_val"])
     with pytest.raises(ValueError, match="real_repeat"):
         prepare_training_data(ROOT, n_synthetic=0, selection=sel, real_repeat=0)
+
+
+def test_pad_with_noise_keeps_the_galaxy_and_its_noise_level():
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:30, :31] - 15.0
+    stamp = np.exp(-(xx ** 2 + yy ** 2) / 20.0) + rng.normal(0, 0.1, (30, 31))
+    out, sigma = pad_with_noise(stamp, 0.1, 64, np.random.default_rng(2))
+    assert out.shape == (64, 64) and sigma == 0.1
+    np.testing.assert_array_equal(out[17:47, 17:47], stamp[:, :30])     # central square, unresampled
+    border = np.concatenate([out[:17].ravel(), out[47:].ravel()])
+    assert border.std() == pytest.approx(0.1, rel=0.05) and abs(border.mean()) < 0.01
+    with pytest.raises(ValueError, match="exceeds out_size"):
+        pad_with_noise(np.zeros((70, 70)), 0.1, 64, rng)
+    with pytest.raises(ValueError, match="max_size"):
+        Selection(min_size=40, max_size=30)
+
+
+def test_padded_small_stamps_are_a_training_only_pool():
+    """``pad_small_from``: the stamps the size cut drops (counted from the FITS headers) join
+    the training set only; validation, held-out galaxies and the split are unchanged, and the
+    padding noise is the same in every run."""
+    from astropy.io import fits
+
+    from difflens.sources.vae_training import prepare_training_data
+
+    sel = Selection(snr_range=None)
+    base = prepare_training_data(ROOT, n_synthetic=0, selection=sel)
+    more = prepare_training_data(ROOT, n_synthetic=0, selection=sel, pad_small_from=32)
+    again = prepare_training_data(ROOT, n_synthetic=0, selection=sel, pad_small_from=32)
+    card = more["card"]
+    in_range = 0
+    for cat in ROOT.rglob("real_galaxy_catalog*.fits"):
+        if not cat.name.endswith("_fits.fits"):
+            with fits.open(cat) as h:
+                keys = {(n.strip(), int(k)) for n, k in zip(h[1].data["GAL_FILENAME"],
+                                                           h[1].data["GAL_HDU"])}
+            for name, hdu in keys:
+                with fits.open(cat.parent / name) as g:
+                    in_range += 32 <= min(g[hdu].data.shape) < 64
+    assert card["real_counts_padded"]["size"] == in_range
+    padded = card["real_train_padded"]
+    assert 0 < len(padded) <= in_range              # the S/N > 15 cut only removes
+    assert card["real_train"] == base["card"]["real_train"] + padded
+    assert card["real_val"] == base["card"]["real_val"]
+    assert card["real_test_held_out"] == base["card"]["real_test_held_out"]
+    assert set(padded).isdisjoint(card["real_test_held_out"] + card["real_val"])
+    np.testing.assert_array_equal(more["val"], base["val"])
+    n0 = len(base["card"]["real_train"])
+    assert len(more["train"]) == 8 * (n0 + len(padded))
+    n1 = n0 + len(padded)
+    for k in range(8):          # each symmetry block: the selected galaxies, then the padded ones
+        np.testing.assert_array_equal(more["train"][k * n1:k * n1 + n0],
+                                      base["train"][k * n0:(k + 1) * n0])
+    np.testing.assert_array_equal(more["train"], again["train"])
+    with pytest.raises(ValueError, match="pad_small_from"):
+        prepare_training_data(ROOT, n_synthetic=0, selection=sel, pad_small_from=64)

@@ -20,10 +20,17 @@ Selection, each step configurable and counted (:class:`Selection`):
    ``I_1/4`` is the 64x64 stamp block-averaged by 4 and ``sigma_1/4`` its pixel noise (the
    catalogue's NOISE_VARIANCE propagated through both averagings);
 5. divide by the maximum; the per-stamp noise sigma is kept (same units) for chi^2 tests.
+
+Off the paper's path, for small samples: ``pad_small=True`` keeps stamps smaller than
+``out_size`` at their own pixel scale, centred in an ``out_size`` square of fresh noise at the
+catalogue level (:func:`pad_with_noise`), instead of dropping them; ``max_size`` selects only
+stamps up to a side, so that such a pool can be read apart from the paper's selection
+(``prepare_training_data(pad_small_from=)``).
 """
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,13 +78,19 @@ class Selection:
     Examples
     --------
     >>> Selection(snr_range=None)            # keep every S/N, the other cuts as in the paper
-    Selection(drop_bad_fits=True, min_size=64, out_size=64, snr_range=None)
+    Selection(drop_bad_fits=True, min_size=64, out_size=64, snr_range=None, max_size=None, pad_small=False)
     """
 
     drop_bad_fits: bool = True
     min_size: int | None = 64
     out_size: int = 64
     snr_range: tuple | None = (15.0, 50.0)
+    max_size: int | None = None      # drop stamps whose smaller side exceeds this (pixels)
+    pad_small: bool = False          # pad stamps smaller than out_size with noise (not the paper)
+
+    def __post_init__(self):
+        if self.min_size and self.max_size and self.max_size < self.min_size:
+            raise ValueError(f"max_size {self.max_size} is below min_size {self.min_size}")
 
 
 def _bad_fit_mask(fits_table, n) -> np.ndarray | None:
@@ -156,9 +169,17 @@ def read_catalog(catalog_path, selection: Selection = Selection(), verbose=True)
                 stamp = np.asarray(open_files[name][int(cat["GAL_HDU"][i])].data, dtype=np.float64)
                 if selection.min_size and min(stamp.shape) < selection.min_size:
                     continue
+                if selection.max_size and min(stamp.shape) > selection.max_size:
+                    continue
                 n_size += 1
-                img, sigma = crop_and_downscale(stamp, math.sqrt(float(cat["NOISE_VARIANCE"][i])),
-                                                selection.out_size)
+                ident = f"{catalog_path.stem}:{cat['IDENT'][i]}"
+                noise = math.sqrt(float(cat["NOISE_VARIANCE"][i]))
+                if selection.pad_small and min(stamp.shape) < selection.out_size:
+                    # fresh noise from the galaxy's name: the same stamp in any run or order
+                    rng = np.random.default_rng(zlib.crc32(ident.encode()))
+                    img, sigma = pad_with_noise(stamp, noise, selection.out_size, rng)
+                else:
+                    img, sigma = crop_and_downscale(stamp, noise, selection.out_size)
                 if selection.snr_range is not None:
                     lo, hi = selection.snr_range
                     quarter = img.reshape(img.shape[0] // 4, 4, img.shape[1] // 4, 4).mean((1, 3))
@@ -168,7 +189,7 @@ def read_catalog(catalog_path, selection: Selection = Selection(), verbose=True)
                 peak = img.max()
                 images.append((img / peak).astype(np.float32))
                 sigmas.append(sigma / peak)
-                idents.append(f"{catalog_path.stem}:{cat['IDENT'][i]}")
+                idents.append(ident)
         finally:
             for f in open_files.values():
                 f.close()
@@ -199,6 +220,42 @@ def crop_and_downscale(stamp: np.ndarray, noise_sigma: float, out_size: int = 64
     square = torch.from_numpy(np.ascontiguousarray(stamp[y0:y0 + side, x0:x0 + side]))
     out = F.interpolate(square[None, None], size=(out_size, out_size), mode="area")[0, 0]
     return out.numpy(), noise_sigma * out_size / side
+
+
+def pad_with_noise(stamp: np.ndarray, noise_sigma: float, out_size: int, rng):
+    """Centre a small stamp (its central square) in an ``out_size`` square of Gaussian noise.
+
+    The galaxy keeps its pixel scale (no resampling); the new pixels get fresh noise of sd
+    ``noise_sigma``, the stamp's own level, so the whole square has one white-noise level.
+
+    Parameters
+    ----------
+    stamp : ndarray (ny, nx), both sides <= out_size after the square crop
+    noise_sigma : float, pixel noise of ``stamp`` (its units)
+    out_size : int, side of the result (pixels)
+    rng : numpy Generator
+
+    Returns
+    -------
+    image : ndarray (out_size, out_size)
+    noise_sigma : float, unchanged
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img, sigma = pad_with_noise(np.ones((30, 31)), 0.1, 64, np.random.default_rng(0))
+    >>> img.shape, float(img[17:47, 17:47].min()), sigma
+    ((64, 64), 1.0, 0.1)
+    """
+    side = min(stamp.shape)
+    if side > out_size:
+        raise ValueError(f"stamp side {side} exceeds out_size {out_size}: downscale it instead")
+    y0 = (stamp.shape[0] - side) // 2
+    x0 = (stamp.shape[1] - side) // 2
+    out = rng.normal(0.0, noise_sigma, (out_size, out_size))
+    o = (out_size - side) // 2
+    out[o:o + side, o:o + side] = stamp[y0:y0 + side, x0:x0 + side]
+    return out, noise_sigma
 
 
 def find_catalogs(root) -> list[Path]:

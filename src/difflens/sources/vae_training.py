@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -263,7 +263,8 @@ def _lineage(card: dict | None) -> dict:
 
 
 def prepare_training_data(cosmos_root, *, n_synthetic=6000, selection=None, seed=0,
-                          split_fractions=(0.6, 0.15, 0.25), workdir=None, real_repeat=1):
+                          split_fractions=(0.6, 0.15, 0.25), workdir=None, real_repeat=1,
+                          pad_small_from=None, small_snr_min=15.0):
     """Assemble the default training mix.
 
     Real galaxies below ``cosmos_root`` (any GalSim RealGalaxyCatalog files) are selected and split
@@ -272,6 +273,15 @@ def prepare_training_data(cosmos_root, *, n_synthetic=6000, selection=None, seed
     (:mod:`difflens.datasets.synthetic`, cached in ``workdir``) are split 95 / 5 into train / val.
     ``real_repeat`` (integer >= 1) lists the augmented real training stamps that many times, to
     weight real morphology against the synthetic galaxies when real ones are few.
+
+    ``pad_small_from`` (pixels, default None: off) adds a training-only pool of the real stamps
+    that the size cut drops: those with a smaller side from ``pad_small_from`` up to
+    ``selection.min_size - 1``, padded to 64 x 64 with noise at their own level
+    (:func:`difflens.datasets.cosmos.pad_with_noise`, no resampling) and kept if their S/N
+    (the paper's block-averaged measure) exceeds ``small_snr_min``.  They join the training
+    stamps (augmented and repeated like the others) and never the validation or test sets, so
+    the split of the selected galaxies -- and the held-out galaxies -- stay what they are
+    without the pool.
 
     Returns
     -------
@@ -291,6 +301,22 @@ def prepare_training_data(cosmos_root, *, n_synthetic=6000, selection=None, seed
     selection = selection or Selection()
     real = load_cosmos(cosmos_root, selection)
     r_train, r_val, r_test = split(real, split_fractions, seed=seed)
+    small = None
+    if pad_small_from is not None:
+        if not selection.min_size or not 0 < pad_small_from < selection.min_size:
+            raise ValueError(f"pad_small_from must lie between 1 and the size cut "
+                             f"({selection.min_size}), got {pad_small_from}")
+        small_sel = replace(selection, min_size=int(pad_small_from),
+                            max_size=selection.min_size - 1, pad_small=True,
+                            snr_range=(float(small_snr_min), math.inf))
+        small = load_cosmos(cosmos_root, small_sel)
+        shared = set(small.ident) & (set(r_val.ident) | set(r_test.ident))
+        if shared:       # one galaxy in two catalogues, as a small and a large stamp
+            raise ValueError(f"padded training galaxies also held out or validating: "
+                             f"{sorted(shared)}")
+        r_train = GalaxyStamps(np.concatenate([r_train.images, small.images]),
+                               np.concatenate([r_train.noise_sigma, small.noise_sigma]),
+                               np.concatenate([r_train.ident, small.ident]))
     synth = None
     cache = Path(workdir) / f"synthetic_{n_synthetic}_{seed}.npz" if workdir else None
     if cache is not None and cache.exists():
@@ -312,6 +338,11 @@ def prepare_training_data(cosmos_root, *, n_synthetic=6000, selection=None, seed
                 real_test_held_out=r_test.ident.tolist(), n_synthetic=n_synthetic,
                 augmentation="8 dihedral symmetries of each real training stamp",
                 real_repeat=int(real_repeat))
+    if small is not None:
+        card.update(real_train_padded=small.ident.tolist(), real_counts_padded=small.counts,
+                    padded_selection=dict(min_side=int(pad_small_from),
+                                          max_side=selection.min_size - 1,
+                                          snr_min=float(small_snr_min)))
     return dict(train=np.concatenate(parts_train), val=np.concatenate(parts_val), test=r_test,
                 real_val=r_val, card=card)
 
