@@ -202,6 +202,14 @@ def read_catalog(catalog_path, selection: Selection = Selection(), verbose=True)
                         np.asarray(sigmas, dtype=np.float32), np.asarray(idents), counts)
 
 
+def _central_square(stamp: np.ndarray) -> np.ndarray:
+    """The central square of a stamp, side = its smaller side."""
+    side = min(stamp.shape)
+    y0 = (stamp.shape[0] - side) // 2
+    x0 = (stamp.shape[1] - side) // 2
+    return stamp[y0:y0 + side, x0:x0 + side]
+
+
 def crop_and_downscale(stamp: np.ndarray, noise_sigma: float, out_size: int = 64):
     """Crop the central square and area-average to ``out_size``; return the stamp and its noise.
 
@@ -214,10 +222,9 @@ def crop_and_downscale(stamp: np.ndarray, noise_sigma: float, out_size: int = 64
     >>> small.shape, round(float(sigma), 6)
     ((64, 64), 0.1)
     """
-    side = min(stamp.shape)
-    y0 = (stamp.shape[0] - side) // 2
-    x0 = (stamp.shape[1] - side) // 2
-    square = torch.from_numpy(np.ascontiguousarray(stamp[y0:y0 + side, x0:x0 + side]))
+    square = _central_square(stamp)
+    side = square.shape[0]
+    square = torch.from_numpy(np.ascontiguousarray(square))
     out = F.interpolate(square[None, None], size=(out_size, out_size), mode="area")[0, 0]
     return out.numpy(), noise_sigma * out_size / side
 
@@ -247,14 +254,13 @@ def pad_with_noise(stamp: np.ndarray, noise_sigma: float, out_size: int, rng):
     >>> img.shape, float(img[17:47, 17:47].min()), sigma
     ((64, 64), 1.0, 0.1)
     """
-    side = min(stamp.shape)
+    square = _central_square(stamp)
+    side = square.shape[0]
     if side > out_size:
         raise ValueError(f"stamp side {side} exceeds out_size {out_size}: downscale it instead")
-    y0 = (stamp.shape[0] - side) // 2
-    x0 = (stamp.shape[1] - side) // 2
     out = rng.normal(0.0, noise_sigma, (out_size, out_size))
     o = (out_size - side) // 2
-    out[o:o + side, o:o + side] = stamp[y0:y0 + side, x0:x0 + side]
+    out[o:o + side, o:o + side] = square
     return out, noise_sigma
 
 
