@@ -94,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE / "output" / "real_lenses"))
     args = ap.parse_args(argv)
+    if args.gamma_prior is not None and not args.gamma_prior[1] > 0:
+        ap.error(f"--gamma-prior: the sd must be > 0, got {args.gamma_prior[1]}")
     shared = Path(args.shared)
     if not shared.exists():
         raise SystemExit(f"data folder {shared} not found (pass --shared)")
