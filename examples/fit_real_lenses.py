@@ -108,7 +108,8 @@ def main(argv=None):
                                 flux_scale=data_flux_scale(obs))
         g = priors.lens["gamma"]            # the default slope prior, other centre/width/edge
         mean, sd = args.gamma_prior or (g.loc, g.scale)
-        priors.lens["gamma"] = TruncatedNormal(mean, sd, g.low, args.gamma_max or g.high)
+        high = g.high if args.gamma_max is None else args.gamma_max
+        priors.lens["gamma"] = TruncatedNormal(mean, sd, g.low, high)
         if args.radius == "theta_E":
             priors = priors.with_theta_E()
         if args.marginalise_amplitudes:
