@@ -45,6 +45,13 @@ def cosmosweb(band, shared, size):
     return obs.cutout(size)
 
 
+# other objects in the cutouts, (x, y) and radius in arcsec of the pixel frame, left out of the
+# likelihood with --mask-neighbours (the JWST ring comes with its own mask file, used always)
+NEIGHBOURS = {
+    "hst_system3_F600LP": [((2.18, -0.70), 0.45),   # an extended galaxy beyond the arc
+                           ((-2.22, 1.94), 0.30)],  # a compact one
+}
+
 LENSES = {
     "hst_system1_F390W": lambda s: dolphin(1, "F390W", s),
     "hst_system3_F600LP": lambda s: dolphin(3, "F600LP", s),
@@ -88,6 +95,10 @@ def main(argv=None):
                     help="give the VAE source a pixelated correction with this prior sd (a "
                          "fraction of the source flux scale, e.g. 0.1; "
                          "Priors.with_source_correction)")
+    ap.add_argument("--mask-neighbours", action="store_true",
+                    help="leave the other objects listed in NEIGHBOURS out of the likelihood")
+    ap.add_argument("--per-chain-metric", action="store_true",
+                    help="every HMC chain adapts its own metric (LensFit.sample)")
     ap.add_argument("--init-from", default=None,
                     help="output folder of an earlier run: each lens's MAP starts from its "
                          "summary.json there (the other restarts still run)")
@@ -103,6 +114,10 @@ def main(argv=None):
     for name in args.only or LENSES:
         t0 = time.perf_counter()
         obs = LENSES[name](shared)
+        if args.mask_neighbours and name in NEIGHBOURS:
+            centres, radii = zip(*NEIGHBOURS[name])
+            obs = obs.excluding_discs(centres, radii)
+            print(f"masked {len(centres)} neighbours: {int((~obs.mask).sum())} pixels")
         print(f"\n== {name}: {obs.shape[0]}x{obs.shape[1]} px at {obs.pixel_scale:.3f}\"/px")
         priors = Priors.default(args.source, lens_light=args.lens_light,
                                 flux_scale=data_flux_scale(obs))
@@ -130,6 +145,7 @@ def main(argv=None):
             # an interrupted run (the MAP is recomputed, identically, from the same seed)
             fit = fit.sample(args.samples, warmup=args.warmup, chains=args.chains,
                              sample_lens_light=False, hold=args.hold, seed=args.seed,
+                             per_chain_metric=args.per_chain_metric,
                              checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
             out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()

@@ -217,7 +217,7 @@ class LensFit:
         return "\n".join(lines)
 
     def sample(self, samples=500, *, warmup=200, chains=4, sampler="hmc", max_tree_depth=7,
-               sample_lens_light=True, hold=(), seed=0, progress=True,
+               sample_lens_light=True, hold=(), per_chain_metric=False, seed=0, progress=True,
                checkpoint=None) -> "LensFit":
         """This fit with a posterior sampled from its MAP (see :func:`fit_lens` for the
         arguments); the MAP can be saved before a long sampling run starts.
@@ -240,14 +240,15 @@ class LensFit:
             model = model.with_fixed(held)
             sites = {k: v for k, v in sites.items() if k not in held}
         if sampler == "laplace":
-            if checkpoint is not None:
-                raise ValueError("sampler='laplace' draws at once and keeps no checkpoint")
+            if checkpoint is not None or per_chain_metric:
+                raise ValueError("sampler='laplace' draws at once: it keeps no checkpoint and "
+                                 "adapts no metric (checkpoint / per_chain_metric)")
             post = sample_laplace(model, sites, num_samples=samples * chains, seed=seed)
         else:
             post = sample_posterior(model, sites, num_samples=samples, warmup=warmup,
                                     chains=chains, seed=seed, method=sampler,
                                     max_tree_depth=max_tree_depth, progress=progress,
-                                    checkpoint=checkpoint)
+                                    per_chain_metric=per_chain_metric, checkpoint=checkpoint)
         return LensFit(self.observation, self.model, self.map, post)
 
     def save(self, out_dir, coolest=False) -> Path:

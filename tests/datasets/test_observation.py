@@ -129,3 +129,19 @@ def test_real_lens_files_load():
     obs = read_observation(j / "data.fits", noise_map=j / "noise_map.fits", psf=j / "psf.fits",
                            exclude=j / "mask_extra_galaxies.fits", pixel_scale=0.06)
     assert obs.shape == (209, 209) and 0 < obs.mask.mean() < 1
+
+
+def test_excluding_discs_leaves_out_the_pixels_within_the_radius():
+    # 30 x 20 image, 0.05"/px: pixel (row i, col j) sits at x = (j - 9.5) 0.05, y = (i - 14.5) 0.05
+    obs = Observation(np.ones((30, 20)), 0.1, 0.05, mask=np.arange(600).reshape(30, 20) % 7 != 0)
+    out = obs.excluding_discs([(0.3, -0.4), (-0.2, 0.5)], [0.21, 0.12])
+    i, j = np.indices((30, 20))
+    x, y = (j - 9.5) * 0.05, (i - 14.5) * 0.05
+    inside = (np.hypot(x - 0.3, y + 0.4) <= 0.21) | (np.hypot(x + 0.2, y - 0.5) <= 0.12)
+    np.testing.assert_array_equal(out.mask, obs.mask & ~inside)
+    assert 40 < inside.sum() < 80                           # ~ pi (0.21^2 + 0.12^2) / 0.05^2 = 73
+    np.testing.assert_array_equal(obs.mask, np.arange(600).reshape(30, 20) % 7 != 0)  # unchanged
+    with pytest.raises(ValueError, match="radii"):
+        obs.excluding_discs([(0.0, 0.0)], -0.1)
+    with pytest.raises(ValueError, match="finite"):
+        obs.excluding_discs([(np.nan, 0.0)], 0.1)

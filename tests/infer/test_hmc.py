@@ -167,3 +167,30 @@ def test_hmc_resumes_from_a_checkpoint_with_the_same_draws(tmp_path):
     hmc(potential, u0, checkpoint=path, **kw)
     with pytest.raises(ValueError, match="start_potential"):     # another posterior, same starts
         hmc(lambda u: 2.0 * potential(u), u0, checkpoint=path, **kw)
+
+
+def test_per_chain_metric_gives_every_chain_its_own_adaptation_group(monkeypatch):
+    import difflens.infer.hmc as hmc_module
+    from difflens.infer.mcmc import sample_posterior, sample_posterior_batch
+
+    sim = Simulator(npix=20, pixel_scale=0.15, psf_sigma=0.1, dtype=torch.float64)
+    truth = dict(r_ein=1.0, q=0.8, phi=0.3, gamma=2.0, x0=0.0, y0=0.0, g1=0.01, g2=0.0)
+    model = LensModel(sim.image(truth, Sersic(amp=1.0, r_e=0.2, n=1.0)), 0.05, sim,
+                      source="sersic", priors=Priors.default("sersic"))
+    space = FlatSites(model)
+    init = space.constrained(space.start[None])
+    init = {k: v[0] for k, v in init.items()}
+    seen = []
+
+    def fake_hmc(potential, u0, *, num_samples, groups, **kw):
+        seen.append(groups.tolist())
+        return torch.zeros(u0.shape[0], num_samples, u0.shape[1], dtype=u0.dtype), \
+            dict(seconds={})
+
+    monkeypatch.setattr(hmc_module, "hmc", fake_hmc)
+    sample_posterior_batch([model, model], [init, init], num_samples=2, chains=3, progress=False)
+    sample_posterior_batch([model, model], [init, init], num_samples=2, chains=3,
+                           per_chain_metric=True, progress=False)
+    assert seen == [[0, 0, 0, 1, 1, 1], [0, 1, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="per_chain_metric"):
+        sample_posterior(model, init, num_samples=2, method="nuts", per_chain_metric=True)

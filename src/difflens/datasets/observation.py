@@ -109,6 +109,41 @@ class Observation:
                            psf=self.psf, mask=None if self.mask is None else self.mask[cut],
                            truth=self.truth)
 
+    def excluding_discs(self, centres, radius) -> "Observation":
+        """This observation with the pixels inside discs left out of the likelihood (e.g.
+        neighbouring galaxies where no mask file exists).
+
+        Parameters
+        ----------
+        centres : sequence of (x, y)
+            Disc centres, arcsec, in the fit's frame: x along columns, y along rows, from the
+            image centre (:func:`difflens.instrument.pixel_grid`).
+        radius : float or sequence of float
+            Disc radius (one, or one per disc), arcsec, > 0.  A pixel is excluded when its
+            centre lies inside or on the rim (:func:`difflens.instrument.aperture_mask`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> obs = Observation(image=np.zeros((10, 10)), noise_sigma=0.02, pixel_scale=0.1)
+        >>> int((~obs.excluding_discs([(0.25, -0.25)], 0.11).mask).sum())  # 1 px + 4 neighbours
+        5
+        """
+        from ..instrument import aperture_mask
+
+        centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+        radii = np.broadcast_to(np.asarray(radius, dtype=np.float64), (len(centres),))
+        if not (np.isfinite(centres).all() and np.isfinite(radii).all() and (radii > 0).all()):
+            raise ValueError(f"disc centres must be finite and radii finite and > 0 arcsec, got "
+                             f"centres {centres.tolist()}, radius {radius}")
+        inside = np.zeros(self.shape, bool)
+        for centre, r in zip(centres, radii):
+            inside |= aperture_mask(self.shape, self.pixel_scale, r, centre=centre).numpy()
+        use = np.ones(self.shape, bool) if self.mask is None else self.mask
+        return Observation(image=self.image, noise_sigma=self.noise_sigma,
+                           pixel_scale=self.pixel_scale, psf=self.psf, mask=use & ~inside,
+                           truth=self.truth)
+
 
 def write_observation(obs: Observation, path, overwrite=True) -> None:
     """Write ``obs`` to a FITS file (atomically: a temporary file renamed into place).

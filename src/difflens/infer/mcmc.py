@@ -183,7 +183,7 @@ def _laplace_factor(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16,
 def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=300, chains=4,
                      method="hmc", seed=0, target_accept=0.8, path_length=2.2, max_tree_depth=8,
                      whiten=True, full_mass=False, adapt_mass_matrix=None, start_spread=0.3,
-                     progress=True, checkpoint=None) -> Posterior:
+                     per_chain_metric=False, progress=True, checkpoint=None) -> Posterior:
     """Sample the posterior of ``model`` from ``init`` (normally ``MAPResult.sample_sites()``).
 
     Parameters
@@ -220,6 +220,13 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         Chains start at u ~ N(0, start_spread^2) around the MAP (whitened units): overdispersed
         so that R-hat means something, close enough not to land in another mode of the latent
         space.
+    per_chain_metric : bool
+        HMC only: every chain adapts its own step size and dense metric from its own warm-up
+        draws (default: the chains pool them).  For posteriors whose curvature changes from
+        region to region (funnels, slow source directions), where one chain in a stiff region
+        would otherwise set every chain's step.  Valid like the pooled version: the kernel of
+        each chain is fixed once warm-up ends.  Each chain's metric then rests on one chain's
+        draws, so give warm-up more iterations.
     checkpoint : str or Path, optional
         HMC only: a file where the sampler's state is saved as it runs; rerunning the same call
         resumes an interrupted run from it, with the same draws
@@ -244,7 +251,11 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         return sample_posterior_batch(
             [model], [init], num_samples=num_samples, warmup=warmup, chains=chains, seed=seed,
             target_accept=target_accept, path_length=path_length, whiten=whiten,
-            start_spread=start_spread, progress=progress, checkpoint=checkpoint)[0]
+            start_spread=start_spread, per_chain_metric=per_chain_metric, progress=progress,
+            checkpoint=checkpoint)[0]
+    if per_chain_metric:
+        raise ValueError("per_chain_metric is an option of method='hmc'; Pyro's NUTS adapts "
+                         "each chain on its own already")
     if checkpoint is not None:
         raise ValueError("checkpoints are kept by method='hmc' only, not by Pyro's NUTS")
     space = FlatSites(model, init_strategy=init_to_value(values=init))
@@ -385,7 +396,7 @@ def _correction_block(model: LensModel, init: dict, space):
 
 def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains=4, seed=0,
                            target_accept=0.8, path_length=2.2, whiten=True, start_spread=0.3,
-                           progress=True, checkpoint=None) -> list:
+                           per_chain_metric=False, progress=True, checkpoint=None) -> list:
     """HMC posteriors of many lenses at once: ``len(models) x chains`` chains in one batch.
 
     Every leapfrog step is one batched likelihood call over all lenses and chains (on a GPU,
@@ -402,6 +413,9 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         The MAP of each lens (``MAPResult.sample_sites()``).
     num_samples, warmup, chains, seed, target_accept, path_length, whiten, start_spread, progress
         As in :func:`sample_posterior` (HMC).
+    per_chain_metric : bool
+        As in :func:`sample_posterior`: one step size and metric per chain instead of one per
+        lens.
     checkpoint : str or Path, optional
         As in :func:`sample_posterior`: the sampler's state file, for resuming.
 
@@ -435,19 +449,22 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
     eye = torch.eye(d, dtype=flat0.dtype, device=flat0.device)
     factor = torch.stack([laplace_whitening(_grad_fn(space.potential(m)), x0) if whiten else eye
                           for m, x0 in zip(models, flat0)])                    # (N, D, D)
-    groups = torch.arange(n_lens, device=flat0.device).repeat_interleave(chains)
+    lens_of_chain = torch.arange(n_lens, device=flat0.device).repeat_interleave(chains)
+    groups = (torch.arange(n_lens * chains, device=flat0.device) if per_chain_metric
+              else lens_of_chain)
     u0 = torch.cat([_starting_points(chains, d, start_spread, seed + i, flat0[i])
                     for i in range(n_lens)])
     stacked = space.potential(LensModel.stack(models, repeat=chains))
 
     def to_theta(u):
-        return flat0[groups] + torch.einsum("cij,cj->ci", factor[groups], u)
+        return flat0[lens_of_chain] + torch.einsum("cij,cj->ci", factor[lens_of_chain], u)
 
     u, stats = hmc(lambda v: stacked(to_theta(v)), u0, num_samples=num_samples, warmup=warmup,
                target_accept=target_accept, path_length=path_length, groups=groups, seed=seed,
                progress=progress, desc="HMC" if n_lens == 1 else f"HMC ({n_lens} lenses)",
                checkpoint=checkpoint)
-    theta = (flat0[groups][:, None] + torch.einsum("cij,csj->csi", factor[groups], u))
+    theta = (flat0[lens_of_chain][:, None]
+             + torch.einsum("cij,csj->csi", factor[lens_of_chain], u))
     sites = space.constrained(theta.reshape(-1, d))               # chain-major, then draw
     out = []
     for i, (m, init) in enumerate(zip(models, inits)):
