@@ -110,9 +110,9 @@ def test_maximise_evidence_climbs_to_a_local_maximum(vae):
     differences do not vanish although both sides fall, so one-sided steps are the test.)
 
     One torch thread: with two, the summation order changes the last digits and this search
-    stops 0.003 nats short of the maximum, on a kink along g1 where the gradient from one side
-    points the wrong way (2026-12-05; a known limit of L-BFGS on a piecewise-smooth evidence,
-    noted on issue 7)."""
+    stops where a step of 1e-4 along g1 still gains 0.003 nats (2026-12-05, not diagnosed
+    further; the suspect is a kink where one side's gradient misleads the line search; noted
+    on issue 7)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -221,8 +221,8 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         so that R-hat means something, close enough not to land in another mode of the latent
         space.
     per_chain_metric : bool
-        HMC only: every chain adapts its own step size and dense metric from its own warm-up
-        draws (default: the chains pool them).  For posteriors whose curvature changes from
+        HMC only: every chain adapts its own dense metric from its own warm-up draws (default:
+        a lens's chains pool theirs; step sizes are adapted per chain either way).  For posteriors whose curvature changes from
         region to region (funnels, slow source directions), where one chain in a stiff region
         would otherwise set every chain's step.  Valid like the pooled version: the kernel of
         each chain is fixed once warm-up ends.  Each chain's metric then rests on one chain's
@@ -414,8 +414,7 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
     num_samples, warmup, chains, seed, target_accept, path_length, whiten, start_spread, progress
         As in :func:`sample_posterior` (HMC).
     per_chain_metric : bool
-        As in :func:`sample_posterior`: one step size and metric per chain instead of one per
-        lens.
+        As in :func:`sample_posterior`: one metric per chain instead of one per lens.
     checkpoint : str or Path, optional
         As in :func:`sample_posterior`: the sampler's state file, for resuming.
 
