@@ -222,11 +222,12 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         space.
     per_chain_metric : bool
         HMC only: every chain adapts its own dense metric from its own warm-up draws (default:
-        a lens's chains pool theirs; step sizes are adapted per chain either way).  For posteriors whose curvature changes from
-        region to region (funnels, slow source directions), where one chain in a stiff region
-        would otherwise set every chain's step.  Valid like the pooled version: the kernel of
-        each chain is fixed once warm-up ends.  Each chain's metric then rests on one chain's
-        draws, so give warm-up more iterations.
+        a lens's chains pool theirs; step sizes are adapted per chain either way).  For
+        posteriors whose curvature changes from region to region (funnels, slow source
+        directions), where a metric pooled over chains in different regions suits none of
+        them.  Valid like the pooled version: the kernel of each chain is fixed once warm-up
+        ends.  Each chain's metric then rests on one chain's draws, so give warm-up more
+        iterations.
     checkpoint : str or Path, optional
         HMC only: a file where the sampler's state is saved as it runs; rerunning the same call
         resumes an interrupted run from it, with the same draws
