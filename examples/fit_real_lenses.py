@@ -83,6 +83,10 @@ def main(argv=None):
                     help="a Gaussian slope prior (truncated to the default range) in place of "
                          "the library's N(2.0, 0.25), e.g. the SLACS population 2.08 0.16 "
                          "(Auger et al. 2010) for a lens whose single arc leaves the slope open")
+    ap.add_argument("--gamma-fixed", type=float, default=None, metavar="GAMMA",
+                    help="hold the slope fixed, e.g. 2.0: the singular isothermal ellipsoid "
+                         "(SIE) + shear that dolphin and most lens surveys fit where one arc "
+                         "cannot constrain the slope")
     ap.add_argument("--radius", choices=("r_ein", "theta_E"), default="r_ein",
                     help="Einstein radius sampled: the major-axis r_ein or lenstronomy's "
                          "theta_E = sqrt(q) r_ein, which the arcs pin (Priors.with_theta_E)")
@@ -107,6 +111,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.gamma_prior is not None and not args.gamma_prior[1] > 0:
         ap.error(f"--gamma-prior: the sd must be > 0, got {args.gamma_prior[1]}")
+    if args.gamma_fixed is not None and (args.gamma_prior is not None
+                                         or args.gamma_max is not None):
+        ap.error("--gamma-fixed holds the slope: it cannot be combined with --gamma-prior or "
+                 "--gamma-max")
+    if args.gamma_fixed is not None and not 1.0 < args.gamma_fixed < 3.0:
+        ap.error(f"--gamma-fixed must lie inside the deflection table's range (1, 3), got "
+                 f"{args.gamma_fixed}")
     shared = Path(args.shared)
     if not shared.exists():
         raise SystemExit(f"data folder {shared} not found (pass --shared)")
@@ -125,6 +136,8 @@ def main(argv=None):
         mean, sd = args.gamma_prior or (g.loc, g.scale)
         high = g.high if args.gamma_max is None else args.gamma_max
         priors.lens["gamma"] = TruncatedNormal(mean, sd, g.low, high)
+        if args.gamma_fixed is not None:
+            priors.lens["gamma"] = args.gamma_fixed
         if args.radius == "theta_E":
             priors = priors.with_theta_E()
         if args.marginalise_amplitudes:
@@ -155,6 +168,8 @@ def main(argv=None):
                 "minutes": round((time.perf_counter() - t0) / 60, 1)}
         if "posterior" in s:
             for k in ("r_ein", "theta_E", "gamma", "q"):
+                if k not in s["posterior"]:         # held fixed (--gamma-fixed)
+                    continue
                 p = s["posterior"][k]
                 line[k] = f"{p['mean']:.4f} +- {p['sd']:.4f} (R-hat {p['r_hat']:.3f})"
         results[name] = line

@@ -147,7 +147,8 @@ def plot_corner(posterior, names=("r_ein", "q", "phi", "gamma"), truths=None):
     Parameters
     ----------
     posterior : difflens.infer.Posterior
-    names : parameters to show
+    names : parameters to show; those held fixed in the fit (every draw equal, e.g. ``gamma``
+        of an SIE fit) are left out, since they have no distribution to draw
     truths : dict, optional
         True values by name.
 
@@ -159,7 +160,12 @@ def plot_corner(posterior, names=("r_ein", "q", "phi", "gamma"), truths=None):
     import corner
     import numpy as np
 
-    samples = np.stack([posterior.idata.posterior[k].values.reshape(-1) for k in names], axis=1)
+    draws = {k: posterior.idata.posterior[k].values.reshape(-1) for k in names}
+    names = [k for k in names if np.ptp(draws[k]) > 0]
+    if not names:
+        raise ValueError("plot_corner: every parameter asked for was held fixed (no spread "
+                         "in the draws); nothing to plot")
+    samples = np.stack([draws[k] for k in names], axis=1)
     labels = {"r_ein": r"$r_{\rm Ein}$ ['']", "q": "$q$", "phi": r"$\phi$ [rad]",
               "gamma": r"$\gamma$", "x0": "$x_0$ ['']", "y0": "$y_0$ ['']", "g1": r"$g_1$",
               "g2": r"$g_2$"}

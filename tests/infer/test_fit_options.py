@@ -146,3 +146,26 @@ def test_fit_lens_laplace_sampler_and_bad_sampler(tmp_path):
     assert abs(float(draws["r_ein"].mean()) - fit.map.lens()["r_ein"]) < 0.5 * sd
     fit.save(tmp_path / "out")
     assert (tmp_path / "out" / "posterior.nc").exists()
+
+
+def test_a_slope_held_fixed_fits_samples_and_plots(tmp_path):
+    """An SIE fit (gamma a number in the priors): gamma stays at the value in every draw, the
+    corner plot leaves it out instead of failing on a parameter with no spread."""
+    from difflens.datasets.mocks import simulate_mock
+    from difflens.fitting import fit_lens
+    from difflens.plots import plot_corner
+
+    obs = simulate_mock(6, noise_sigma=0.05, npix=32, pixel_scale=0.2, source="sersic")
+    priors = Priors.default("sersic")
+    priors.lens["gamma"] = 2.0
+    fit = fit_lens(obs, source="sersic", priors=priors, steps=150, restarts=1, samples=60,
+                   chains=2, sampler="laplace", progress=False)
+    d = fit.posterior.idata.posterior
+    assert np.all(d["gamma"].values == 2.0) and np.ptp(d["r_ein"].values) > 0
+    fig = plot_corner(fit.posterior)
+    labels = [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()]
+    assert not any("gamma" in s for s in labels) and any("r_" in s for s in labels)
+    fit.save(tmp_path / "out")
+    assert (tmp_path / "out" / "corner.png").exists()
+    with pytest.raises(ValueError, match="held fixed"):
+        plot_corner(fit.posterior, names=("gamma",))
