@@ -24,6 +24,9 @@ import json
 import time
 from pathlib import Path
 
+import pyro.distributions as dist
+import torch
+
 from difflens.datasets.observation import read_observation
 from difflens.fitting import data_flux_scale, fit_lens
 from difflens.model import Priors, TruncatedNormal
@@ -99,6 +102,9 @@ def main(argv=None):
                     help="give the VAE source a pixelated correction with this prior sd (a "
                          "fraction of the source flux scale, e.g. 0.1; "
                          "Priors.with_source_correction)")
+    ap.add_argument("--free-light-centres", type=float, default=None, metavar="SD",
+                    help="give each lens-light component its own centre, Normal(cutout "
+                         "centre, SD) in arcsec, instead of tying it to the mass centre")
     ap.add_argument("--mask-neighbours", action="store_true",
                     help="leave the other objects listed in NEIGHBOURS out of the likelihood")
     ap.add_argument("--per-chain-metric", action="store_true",
@@ -115,6 +121,8 @@ def main(argv=None):
                                          or args.gamma_max is not None):
         ap.error("--gamma-fixed holds the slope: it cannot be combined with --gamma-prior or "
                  "--gamma-max")
+    if args.free_light_centres is not None and not args.free_light_centres > 0:
+        ap.error(f"--free-light-centres: the sd must be > 0, got {args.free_light_centres}")
     if args.gamma_fixed is not None and not 1.0 < args.gamma_fixed < 3.0:
         ap.error(f"--gamma-fixed must lie inside the deflection table's range (1, 3), got "
                  f"{args.gamma_fixed}")
@@ -138,6 +146,11 @@ def main(argv=None):
         priors.lens["gamma"] = TruncatedNormal(mean, sd, g.low, high)
         if args.gamma_fixed is not None:
             priors.lens["gamma"] = args.gamma_fixed
+        if args.free_light_centres is not None:
+            for component in priors.lens_light:
+                for k in ("x0", "y0"):
+                    component[k] = dist.Normal(torch.tensor(0.0, dtype=torch.float64),
+                                               args.free_light_centres)
         if args.radius == "theta_E":
             priors = priors.with_theta_E()
         if args.marginalise_amplitudes:
