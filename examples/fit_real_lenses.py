@@ -143,9 +143,8 @@ def main(argv=None):
         g = priors.lens["gamma"]            # the default slope prior, other centre/width/edge
         mean, sd = args.gamma_prior or (g.loc, g.scale)
         high = g.high if args.gamma_max is None else args.gamma_max
-        priors.lens["gamma"] = TruncatedNormal(mean, sd, g.low, high)
-        if args.gamma_fixed is not None:
-            priors.lens["gamma"] = args.gamma_fixed
+        priors.lens["gamma"] = (TruncatedNormal(mean, sd, g.low, high)
+                                if args.gamma_fixed is None else args.gamma_fixed)
         if args.free_light_centres is not None:
             for component in priors.lens_light:
                 for k in ("x0", "y0"):
@@ -181,8 +180,6 @@ def main(argv=None):
                 "minutes": round((time.perf_counter() - t0) / 60, 1)}
         if "posterior" in s:
             for k in ("r_ein", "theta_E", "gamma", "q"):
-                if k not in s["posterior"]:         # held fixed (--gamma-fixed)
-                    continue
                 p = s["posterior"][k]
                 line[k] = f"{p['mean']:.4f} +- {p['sd']:.4f} (R-hat {p['r_hat']:.3f})"
         results[name] = line
