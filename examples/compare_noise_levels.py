@@ -12,7 +12,8 @@ level) and per level ``<level>/fit.png`` (the paper's Figs. 6-7 panel) and ``<le
 (Figs. 8-9).  The paper reports statistical errors shrinking from ~3% to below 1% with S/N.
 A level whose ``<level>/summary.json`` and ``posterior.nc`` already exist is read back instead of
 refitted (the run resumes after an interruption; ``--refit`` forces new fits), and ``--levels``
-fits only some levels.
+fits only some levels.  A level interrupted while sampling resumes its chains from
+``<level>.hmc-checkpoint.pt`` (the MAP is recomputed, identically, from the same seed).
 """
 import argparse
 import json
@@ -64,8 +65,12 @@ def main(argv=None):
             args.samples == 0 or (saved / "posterior.nc").exists())
         if level in args.levels and (args.refit or not done):
             t0 = time.perf_counter()
+            checkpoint = out / f"{level}.hmc-checkpoint.pt" if args.samples > 0 else None
+            if args.refit and checkpoint is not None:
+                checkpoint.unlink(missing_ok=True)
             fit = fit_lens(obs, source="vae", steps=args.steps, samples=args.samples,
-                           warmup=args.warmup, chains=args.chains, seed=args.seed)
+                           warmup=args.warmup, chains=args.chains, seed=args.seed,
+                           checkpoint=checkpoint)
             fit.save(saved)
             minutes = (time.perf_counter() - t0) / 60
         elif done:
