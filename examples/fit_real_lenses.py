@@ -14,7 +14,8 @@ For each lens the script writes ``summary.json``, ``fit.png`` (data, model, norm
 source), ``corner.png``, ``posterior.nc`` and the COOLEST model (``coolest.json`` + FITS files,
 pixel frame) under ``--out/NAME`` and prints reduced chi^2 and r_ein / theta_E with posterior sd.
 The HMC state is checkpointed to ``--out/NAME.hmc-checkpoint.pt``: rerun the same command to
-resume an interrupted run.
+resume an interrupted run, or with a larger ``--samples`` to extend chains that have not
+converged (the draws are those of one longer run).
 
 Coordinates are the pixel frame (x along columns, y along rows, arcsec from the cutout centre), not
 RA/Dec: position angles are mirrored with respect to the sky for these images.

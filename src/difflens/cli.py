@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the model in the COOLEST standard (coolest.json + FITS)")
     p.add_argument("--checkpoint", default=None,
                    help="file for the HMC state (--sampler hmc): rerunning the same command "
-                        "resumes an interrupted run from it, with the same draws")
+                        "resumes an interrupted run from it, with the same draws; rerunning it "
+                        "with a larger --samples extends the chains")
     p.add_argument("--device", default="cpu",
                    help="where the fit runs: cpu, cuda, cuda:1 (the whole fit on one GPU)")
     p.set_defaults(func=_cmd_fit)

@@ -169,6 +169,28 @@ def test_hmc_resumes_from_a_checkpoint_with_the_same_draws(tmp_path):
         hmc(lambda u: 2.0 * potential(u), u0, checkpoint=path, **kw)
 
 
+def test_hmc_extends_a_finished_run_with_the_draws_of_a_longer_one(tmp_path):
+    """Asking a finished run's checkpoint for more draws continues its chains: the result is
+    exactly one uninterrupted run of the larger size; asking for fewer is refused."""
+    prec = torch.tensor([[3.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+
+    def potential(u):
+        return 0.5 * torch.einsum("ci,ij,cj->c", u, prec, u)
+
+    u0 = torch.tensor([[0.3, -0.2], [-0.5, 0.4]], dtype=torch.float64)
+    kw = dict(warmup=50, seed=5, progress=False)
+    longer, longer_stats = hmc(potential, u0, num_samples=45, **kw)
+    path = tmp_path / "chains.pt"
+    short, _ = hmc(potential, u0, num_samples=20, checkpoint=path, **kw)
+    assert torch.equal(short, longer[:, :20])
+    extended, stats = hmc(potential, u0, num_samples=45, checkpoint=path, **kw)
+    assert torch.equal(extended, longer)
+    assert torch.equal(stats["n_steps"], longer_stats["n_steps"])
+    assert torch.load(path, weights_only=False)["settings"]["num_samples"] == 45
+    with pytest.raises(ValueError, match="45 draws"):
+        hmc(potential, u0, num_samples=30, checkpoint=path, **kw)
+
+
 def test_per_chain_metric_gives_every_chain_its_own_adaptation_group(monkeypatch):
     import difflens.infer.hmc as hmc_module
     from difflens.infer.mcmc import sample_posterior, sample_posterior_batch

@@ -264,6 +264,11 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         it exists when ``hmc`` starts, the run resumes from it and returns exactly the draws an
         uninterrupted run would; a file written with other settings, starting points or target
         density (its value at the starts) raises ``ValueError`` (delete it to start afresh).
+        A finished (or interrupted) run is *extended* by calling again with a larger
+        ``num_samples`` and everything else the same: the chains continue where they stopped,
+        and the draws are exactly those of one uninterrupted run of the larger size (warm-up
+        does not depend on ``num_samples``).  Asking for fewer draws than the file holds
+        raises ``ValueError``.
     checkpoint_every : int
         Iterations between checkpoint writes.
 
@@ -456,7 +461,14 @@ def _load_checkpoint(path, settings, device):
         return torch.allclose(a, b, rtol=1e-6, atol=1e-9) if b.is_floating_point() else \
             torch.equal(a, b)
 
-    differ = [k for k, val in settings.items() if k not in saved or not same(saved[k], val)]
+    # more draws than the file was written for extend its chains (the kernel after warm-up does
+    # not depend on num_samples); fewer would silently drop draws it already holds
+    if saved.get("num_samples", 0) > settings["num_samples"]:
+        raise ValueError(f"HMC checkpoint {path} holds a run of {saved['num_samples']} draws per "
+                         f"chain, more than the {settings['num_samples']} asked for; ask for at "
+                         "least as many (or delete it to start afresh)")
+    differ = [k for k, val in settings.items() if k != "num_samples"
+              and (k not in saved or not same(saved[k], val))]
     if differ:
         raise ValueError(f"HMC checkpoint {path} was written with other {differ}; delete it or "
                          "choose another path to start afresh")

@@ -230,8 +230,8 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         iterations.
     checkpoint : str or Path, optional
         HMC only: a file where the sampler's state is saved as it runs; rerunning the same call
-        resumes an interrupted run from it, with the same draws
-        (:func:`difflens.infer.hmc.hmc`).
+        resumes an interrupted run from it, with the same draws, and rerunning it with more
+        ``num_samples`` extends the chains (:func:`difflens.infer.hmc.hmc`).
 
     Returns
     -------
