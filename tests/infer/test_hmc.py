@@ -189,6 +189,11 @@ def test_hmc_extends_a_finished_run_with_the_draws_of_a_longer_one(tmp_path):
     assert torch.load(path, weights_only=False)["settings"]["num_samples"] == 45
     with pytest.raises(ValueError, match="45 draws"):
         hmc(potential, u0, num_samples=30, checkpoint=path, **kw)
+    state = torch.load(path, weights_only=False)
+    del state["settings"]["num_samples"]              # a file that does not say how many it holds
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="num_samples"):
+        hmc(potential, u0, num_samples=45, checkpoint=path, **kw)
 
 
 def test_per_chain_metric_gives_every_chain_its_own_adaptation_group(monkeypatch):

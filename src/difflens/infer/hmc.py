@@ -467,8 +467,8 @@ def _load_checkpoint(path, settings, device):
         raise ValueError(f"HMC checkpoint {path} holds a run of {saved['num_samples']} draws per "
                          f"chain, more than the {settings['num_samples']} asked for; ask for at "
                          "least as many (or delete it to start afresh)")
-    differ = [k for k, val in settings.items() if k != "num_samples"
-              and (k not in saved or not same(saved[k], val))]
+    differ = [k for k, val in settings.items() if k not in saved
+              or (k != "num_samples" and not same(saved[k], val))]
     if differ:
         raise ValueError(f"HMC checkpoint {path} was written with other {differ}; delete it or "
                          "choose another path to start afresh")
