@@ -25,6 +25,7 @@ import json
 import time
 from pathlib import Path
 
+import arviz as az
 import pyro.distributions as dist
 import torch
 
@@ -113,6 +114,10 @@ def main(argv=None):
     ap.add_argument("--init-from", default=None,
                     help="output folder of an earlier run: each lens's MAP starts from its "
                          "summary.json there (the other restarts still run)")
+    ap.add_argument("--pilot", default=None, metavar="DIR",
+                    help="output folder of an earlier sampled run of the same settings: each "
+                         "lens's posterior.nc there whitens HMC and starts its chains "
+                         "(LensFit.sample(pilot=)); use another --out")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE / "output" / "real_lenses"))
     args = ap.parse_args(argv)
@@ -139,6 +144,14 @@ def main(argv=None):
             obs = obs.excluding_discs(centres, radii)
             print(f"masked {len(centres)} neighbours: {int((~obs.mask).sum())} pixels")
         print(f"\n== {name}: {obs.shape[0]}x{obs.shape[1]} px at {obs.pixel_scale:.3f}\"/px")
+        pilot = None
+        if args.pilot and args.samples > 0:
+            # read into memory now: saving the MAP below may replace that very folder
+            nc = Path(args.pilot) / name / "posterior.nc"
+            if not nc.is_file():
+                raise SystemExit(f"--pilot: {nc} not found")
+            pilot = az.from_dict(posterior={k: v.values for k, v in
+                                            az.from_netcdf(str(nc)).posterior.items()})
         priors = Priors.default(args.source, lens_light=args.lens_light,
                                 flux_scale=data_flux_scale(obs))
         g = priors.lens["gamma"]            # the default slope prior, other centre/width/edge
@@ -171,7 +184,7 @@ def main(argv=None):
             # an interrupted run (the MAP is recomputed, identically, from the same seed)
             fit = fit.sample(args.samples, warmup=args.warmup, chains=args.chains,
                              sample_lens_light=False, hold=args.hold, seed=args.seed,
-                             per_chain_metric=args.per_chain_metric,
+                             per_chain_metric=args.per_chain_metric, pilot=pilot,
                              checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
             out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()

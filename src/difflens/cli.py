@@ -120,7 +120,7 @@ def _cmd_fit(args):
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler,
                    sample_lens_light=not args.hold_lens_light, hold=args.hold or (),
                    seed=args.seed, init=args.init_from, checkpoint=args.checkpoint,
-                   marginalise_amplitudes=args.marginalise_amplitudes,
+                   pilot=args.pilot, marginalise_amplitudes=args.marginalise_amplitudes,
                    source_correction=_correction(args), device=args.device)
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file for the HMC state (--sampler hmc): rerunning the same command "
                         "resumes an interrupted run from it, with the same draws; rerunning it "
                         "with a larger --samples extends the chains")
+    p.add_argument("--pilot", default=None, metavar="NC",
+                   help="posterior.nc of an earlier run of the same fit (--sampler hmc): its "
+                        "draws' covariance whitens the sampler and its draws start the chains, "
+                        "for posteriors whose warm-up cannot measure their width")
     p.add_argument("--device", default="cpu",
                    help="where the fit runs: cpu, cuda, cuda:1 (the whole fit on one GPU)")
     p.set_defaults(func=_cmd_fit)

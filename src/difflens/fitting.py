@@ -217,14 +217,18 @@ class LensFit:
         return "\n".join(lines)
 
     def sample(self, samples=500, *, warmup=200, chains=4, sampler="hmc", max_tree_depth=7,
-               sample_lens_light=True, hold=(), per_chain_metric=False, seed=0, progress=True,
-               checkpoint=None) -> "LensFit":
+               sample_lens_light=True, hold=(), per_chain_metric=False, pilot=None, seed=0,
+               progress=True, checkpoint=None) -> "LensFit":
         """This fit with a posterior sampled from its MAP (see :func:`fit_lens` for the
         arguments); the MAP can be saved before a long sampling run starts.
 
         ``hold`` names further scalar sites held at their MAP values while sampling (e.g.
         ``("src_s",)``: the VAE stamp's half-width, which trades off against the size of the
         galaxy drawn in the latent); the posterior is then conditional on them.
+
+        ``pilot`` (HMC only): an earlier run's posterior of the same model, held sites
+        included (a ``Posterior`` or ``posterior.nc``), whose covariance whitens the sampler
+        and whose draws start the chains (:func:`difflens.infer.sample_posterior`).
 
         Examples
         --------
@@ -240,15 +244,16 @@ class LensFit:
             model = model.with_fixed(held)
             sites = {k: v for k, v in sites.items() if k not in held}
         if sampler == "laplace":
-            if checkpoint is not None or per_chain_metric:
+            if checkpoint is not None or per_chain_metric or pilot is not None:
                 raise ValueError("sampler='laplace' draws at once: it keeps no checkpoint and "
-                                 "adapts no metric (checkpoint / per_chain_metric)")
+                                 "adapts no metric (checkpoint / per_chain_metric / pilot)")
             post = sample_laplace(model, sites, num_samples=samples * chains, seed=seed)
         else:
             post = sample_posterior(model, sites, num_samples=samples, warmup=warmup,
                                     chains=chains, seed=seed, method=sampler,
                                     max_tree_depth=max_tree_depth, progress=progress,
-                                    per_chain_metric=per_chain_metric, checkpoint=checkpoint)
+                                    per_chain_metric=per_chain_metric, pilot=pilot,
+                                    checkpoint=checkpoint)
         return LensFit(self.observation, self.model, self.map, post)
 
     def save(self, out_dir, coolest=False) -> Path:
@@ -337,7 +342,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
              encode_source=True, samples=0, warmup=200,
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
              marginalise_amplitudes=False, source_correction=None, dtype=torch.float64,
-             device="cpu", progress=True, init=None, checkpoint=None) -> LensFit:
+             device="cpu", progress=True, init=None, checkpoint=None, pilot=None) -> LensFit:
     """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
     Parameters
@@ -375,6 +380,12 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     checkpoint : str or Path, optional
         HMC state file: the sampler saves its state there as it runs, and the same call resumes
         an interrupted run from it (same draws).
+    pilot : Posterior, arviz.InferenceData or str / Path, optional
+        HMC only: an earlier posterior of the same model (e.g. its ``posterior.nc``) whose
+        draws' covariance whitens the sampler in place of the Laplace approximation, with
+        chains started at its draws and no metric adaptation
+        (:func:`difflens.infer.sample_posterior`); for posteriors too curved or too slow for
+        warm-up to measure.
 
     Examples
     --------
@@ -387,6 +398,10 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         raise ValueError(f"sampler must be 'hmc', 'nuts' or 'laplace', got {sampler!r}")
     if checkpoint is not None and sampler != "hmc":
         raise ValueError(f"checkpoints are kept by sampler='hmc' only, not by {sampler!r}")
+    if pilot is not None and sampler != "hmc":
+        raise ValueError(f"a pilot posterior is used by sampler='hmc' only, not by {sampler!r}")
+    if isinstance(pilot, (str, Path)) and not Path(pilot).is_file():
+        raise ValueError(f"pilot posterior {pilot} does not exist")
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
                         marginalise_amplitudes=marginalise_amplitudes,
@@ -400,7 +415,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     if samples > 0:
         fit = fit.sample(samples, warmup=warmup, chains=chains, sampler=sampler,
                          max_tree_depth=max_tree_depth, sample_lens_light=sample_lens_light,
-                         hold=hold, seed=seed, progress=progress, checkpoint=checkpoint)
+                         hold=hold, seed=seed, progress=progress, checkpoint=checkpoint,
+                         pilot=pilot)
     return fit
 
 

@@ -221,3 +221,95 @@ def test_per_chain_metric_gives_every_chain_its_own_adaptation_group(monkeypatch
     assert seen == [[0, 0, 0, 1, 1, 1], [0, 1, 2, 3, 4, 5]]
     with pytest.raises(ValueError, match="per_chain_metric"):
         sample_posterior(model, init, num_samples=2, method="nuts", per_chain_metric=True)
+
+
+def test_hmc_without_metric_adaptation_samples_in_the_coordinates_it_is_given():
+    # a unit Gaussian: adapting only the step size must keep the identity metric, and the draws
+    # must still be N(0, I); with adaptation on, warm-up windows re-estimate the metric
+    d = 4
+
+    def potential(u):
+        return 0.5 * (u * u).sum(1)
+
+    u0 = torch.randn(4, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    draws, stats = hmc(potential, u0, num_samples=1000, warmup=200, adapt_metric=False, seed=1,
+                       progress=False)
+    assert torch.equal(stats["scale"][0], torch.eye(d, dtype=torch.float64))
+    flat = draws.reshape(-1, d)
+    assert (flat.mean(0).abs() < 0.1).all()
+    assert ((flat.var(0) - 1).abs() < 0.15).all()
+    _, adapted = hmc(potential, u0, num_samples=10, warmup=200, seed=1, progress=False)
+    assert not torch.equal(adapted["scale"][0], torch.eye(d, dtype=torch.float64))
+
+
+def _sersic_model_and_map():
+    sim = Simulator(npix=20, pixel_scale=0.15, psf_sigma=0.1, dtype=torch.float64)
+    truth = dict(r_ein=1.0, q=0.8, phi=0.3, gamma=2.0, x0=0.0, y0=0.0, g1=0.01, g2=0.0)
+    model = LensModel(sim.image(truth, Sersic(amp=1.0, r_e=0.2, n=1.0)), 0.05, sim,
+                      source="sersic", priors=Priors.default("sersic"))
+    space = FlatSites(model)
+    init = {k: v[0] for k, v in space.constrained(space.start[None]).items()}
+    return model, space, init
+
+
+def _pilot_from_unconstrained(space, rows, chains):
+    """An InferenceData holding ``rows`` (chains * n, D) of unconstrained draws as site values."""
+    sites = space.constrained(rows)
+    return az.from_dict(posterior={k: v.reshape(chains, -1, *v.shape[1:]).numpy()
+                                   for k, v in sites.items()})
+
+
+def test_a_pilot_whitens_with_its_covariance_and_starts_chains_at_its_draws():
+    from difflens.infer.mcmc import pilot_whitening
+
+    model, space, init = _sersic_model_and_map()
+    d = space.start.numel()
+    gen = torch.Generator().manual_seed(2)
+    # draws of a known, strongly correlated Gaussian in the unconstrained space
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64) * 0.05
+    rows = space.start + torch.randn(2 * 300, d, generator=gen, dtype=torch.float64) @ a.T
+    pilot = _pilot_from_unconstrained(space, rows, chains=2)
+    factor, u0 = pilot_whitening(space, pilot, space.start, chains=3, seed=5)
+    # the covariance survives the round trip through the sites' constraints
+    assert torch.allclose(factor @ factor.T, torch.cov(rows.T), rtol=1e-6, atol=1e-10)
+    assert torch.equal(factor, torch.tril(factor))
+    starts = space.start + u0 @ factor.T
+    for c, start in enumerate(starts):   # chain c: a draw of the second half of pilot chain c % 2
+        half = rows[(c % 2) * 300 + 150:(c % 2) * 300 + 300]
+        assert float((half - start).abs().max(1).values.min()) < 1e-8
+
+
+def test_sample_posterior_with_a_pilot_fixes_the_metric_and_refuses_bad_pilots(monkeypatch):
+    import difflens.infer.hmc as hmc_module
+    from difflens.infer.mcmc import sample_posterior
+
+    model, space, init = _sersic_model_and_map()
+    d = space.start.numel()
+    rows = space.start + 0.01 * torch.randn(200, d, generator=torch.Generator().manual_seed(3),
+                                            dtype=torch.float64)
+    pilot = _pilot_from_unconstrained(space, rows, chains=2)
+    seen = []
+
+    def fake_hmc(potential, u0, *, num_samples, adapt_metric, **kw):
+        seen.append(adapt_metric)
+        return torch.zeros(u0.shape[0], num_samples, u0.shape[1], dtype=u0.dtype), \
+            dict(seconds={})
+
+    monkeypatch.setattr(hmc_module, "hmc", fake_hmc)
+    sample_posterior(model, init, num_samples=2, chains=2, progress=False)
+    sample_posterior(model, init, num_samples=2, chains=2, pilot=pilot, progress=False)
+    assert seen == [True, False]
+    lacking = az.from_dict(posterior={k: v for k, v in pilot.posterior.items() if k != "gamma"})
+    with pytest.raises(ValueError, match="lacks the sampled sites"):
+        sample_posterior(model, init, num_samples=2, pilot=lacking, progress=False)
+    few = _pilot_from_unconstrained(space, rows[:10], chains=2)
+    with pytest.raises(ValueError, match="too few"):
+        sample_posterior(model, init, num_samples=2, pilot=few, progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        sample_posterior(model, init, num_samples=2, pilot="no/such/posterior.nc",
+                         progress=False)
+    with pytest.raises(ValueError, match="method='hmc'"):
+        sample_posterior(model, init, num_samples=2, method="nuts", pilot=pilot)
+    with pytest.raises(ValueError, match="per_chain_metric"):
+        sample_posterior(model, init, num_samples=2, pilot=pilot, per_chain_metric=True,
+                         progress=False)

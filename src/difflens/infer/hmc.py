@@ -216,8 +216,8 @@ def _safe(potential):
 
 
 def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_length=2.2,
-        max_steps=64, max_steps_ratio=3.0, dense=True, groups=None, seed=0, progress=True,
-        desc="HMC", checkpoint=None, checkpoint_every=20):
+        max_steps=64, max_steps_ratio=3.0, dense=True, adapt_metric=True, groups=None, seed=0,
+        progress=True, desc="HMC", checkpoint=None, checkpoint_every=20):
     """Run ``C`` HMC chains at once from ``u0`` (shape ``(C, D)``).
 
     Parameters
@@ -251,6 +251,12 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     dense : bool
         Adapt a dense preconditioner (within-chain covariance of the warm-up draws, shrunk
         towards the current metric when draws are few) rather than a diagonal one.
+    adapt_metric : bool
+        Adapt the preconditioner in warm-up (default).  False keeps the unit metric of the
+        coordinates ``u`` as given and adapts only the step size: for a potential already
+        whitened by a trustworthy posterior covariance (e.g. from a long pilot run, see
+        :func:`difflens.infer.mcmc.sample_posterior`), which short warm-up windows of slowly
+        mixing chains would only shrink again.
     groups : LongTensor (C,), optional
         Which posterior each chain samples (0 .. G-1), e.g. the lens of each chain when many
         lenses run in one batch: the preconditioner is adapted per group from that group's
@@ -323,7 +329,7 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     if not torch.isfinite(pot).all():
         raise ValueError("HMC start has a non-finite log density in chains "
                          f"{torch.nonzero(~torch.isfinite(pot)).reshape(-1).tolist()}")
-    window_ends = _adaptation_windows(warmup)
+    window_ends = _adaptation_windows(warmup) if adapt_metric else []
     window = []
     rejected_updates = 0
 
@@ -337,7 +343,8 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     start = 0
     settings = dict(u0=u0.detach().cpu(), groups=groups.cpu(), num_samples=num_samples,
                     warmup=warmup, target_accept=target_accept, path_length=path_length,
-                    max_steps=max_steps, max_steps_ratio=max_steps_ratio, dense=dense, seed=seed,
+                    max_steps=max_steps, max_steps_ratio=max_steps_ratio, dense=dense,
+                    adapt_metric=adapt_metric, seed=seed,
                     start_potential=pot.detach().cpu())     # a fingerprint of the target density
     if checkpoint is not None and Path(checkpoint).exists():
         state = _load_checkpoint(checkpoint, settings, u0.device)
@@ -449,7 +456,8 @@ def _load_checkpoint(path, settings, device):
     """Read an HMC checkpoint and check it was written for these ``settings``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = state["settings"]
+        saved = dict(state["settings"])
+        saved.setdefault("adapt_metric", True)          # files written before the option
     except Exception as exc:
         raise ValueError(f"HMC checkpoint {path} cannot be read ({exc}); delete it to start "
                          "afresh") from exc

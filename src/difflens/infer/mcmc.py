@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -183,7 +184,8 @@ def _laplace_factor(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16,
 def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=300, chains=4,
                      method="hmc", seed=0, target_accept=0.8, path_length=2.2, max_tree_depth=8,
                      whiten=True, full_mass=False, adapt_mass_matrix=None, start_spread=0.3,
-                     per_chain_metric=False, progress=True, checkpoint=None) -> Posterior:
+                     per_chain_metric=False, pilot=None, progress=True,
+                     checkpoint=None) -> Posterior:
     """Sample the posterior of ``model`` from ``init`` (normally ``MAPResult.sample_sites()``).
 
     Parameters
@@ -228,6 +230,15 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         them.  Valid like the pooled version: the kernel of each chain is fixed once warm-up
         ends.  Each chain's metric then rests on one chain's draws, so give warm-up more
         iterations.
+    pilot : Posterior, arviz.InferenceData or path to a ``posterior.nc``, optional
+        HMC only: draws of an earlier run of the same model (e.g. an unconverged one).  Their
+        covariance in Pyro's unconstrained space, pooled over chains, replaces the Laplace
+        whitening, warm-up adapts only the step size, and chain c starts at a random draw of
+        the second half of pilot chain ``c mod C_pilot`` (:func:`pilot_whitening`).  For
+        posteriors whose warm-up metric comes out too narrow: chains that mix slowly in warm-up
+        see only part of a curved ridge, so the adapted widths are too small along it (lens 3
+        of docs/real_data.md: up to 17x), trajectories cover a fraction of the ridge and the
+        chains random-walk along it.  The pilot's draws measure the whole ridge.
     checkpoint : str or Path, optional
         HMC only: a file where the sampler's state is saved as it runs; rerunning the same call
         resumes an interrupted run from it, with the same draws, and rerunning it with more
@@ -252,8 +263,11 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         return sample_posterior_batch(
             [model], [init], num_samples=num_samples, warmup=warmup, chains=chains, seed=seed,
             target_accept=target_accept, path_length=path_length, whiten=whiten,
-            start_spread=start_spread, per_chain_metric=per_chain_metric, progress=progress,
+            start_spread=start_spread, per_chain_metric=per_chain_metric,
+            pilots=None if pilot is None else [pilot], progress=progress,
             checkpoint=checkpoint)[0]
+    if pilot is not None:
+        raise ValueError("pilot is an option of method='hmc'")
     if per_chain_metric:
         raise ValueError("per_chain_metric is an option of method='hmc'; Pyro's NUTS adapts "
                          "each chain on its own already")
@@ -397,7 +411,8 @@ def _correction_block(model: LensModel, init: dict, space):
 
 def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains=4, seed=0,
                            target_accept=0.8, path_length=2.2, whiten=True, start_spread=0.3,
-                           per_chain_metric=False, progress=True, checkpoint=None) -> list:
+                           per_chain_metric=False, pilots=None, progress=True,
+                           checkpoint=None) -> list:
     """HMC posteriors of many lenses at once: ``len(models) x chains`` chains in one batch.
 
     Every leapfrog step is one batched likelihood call over all lenses and chains (on a GPU,
@@ -416,6 +431,9 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         As in :func:`sample_posterior` (HMC).
     per_chain_metric : bool
         As in :func:`sample_posterior`: one metric per chain instead of one per lens.
+    pilots : sequence, optional
+        One ``pilot`` (as in :func:`sample_posterior`) per lens: each lens is whitened by its
+        pilot's covariance and its chains start at pilot draws; no metric is adapted.
     checkpoint : str or Path, optional
         As in :func:`sample_posterior`: the sampler's state file, for resuming.
 
@@ -446,14 +464,27 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
                          "MAPResult.sample_sites()")
     flat0 = torch.stack([space.flatten(init) for init in inits])
     d = flat0.shape[1]
-    eye = torch.eye(d, dtype=flat0.dtype, device=flat0.device)
-    factor = torch.stack([laplace_whitening(_grad_fn(space.potential(m)), x0) if whiten else eye
-                          for m, x0 in zip(models, flat0)])                    # (N, D, D)
     lens_of_chain = torch.arange(n_lens, device=flat0.device).repeat_interleave(chains)
     groups = (torch.arange(n_lens * chains, device=flat0.device) if per_chain_metric
               else lens_of_chain)
-    u0 = torch.cat([_starting_points(chains, d, start_spread, seed + i, flat0[i])
-                    for i in range(n_lens)])
+    if pilots is None:
+        eye = torch.eye(d, dtype=flat0.dtype, device=flat0.device)
+        factor = torch.stack([laplace_whitening(_grad_fn(space.potential(m)), x0) if whiten
+                              else eye for m, x0 in zip(models, flat0)])       # (N, D, D)
+        u0 = torch.cat([_starting_points(chains, d, start_spread, seed + i, flat0[i])
+                        for i in range(n_lens)])
+    else:
+        pilots = list(pilots)
+        if len(pilots) != n_lens:
+            raise ValueError(f"need one pilot per model, got {len(pilots)} pilots and "
+                             f"{n_lens} models")
+        if per_chain_metric:
+            raise ValueError("per_chain_metric adapts metrics in warm-up; with a pilot the "
+                             "metric is the pilot's covariance and is not adapted")
+        whitened = [pilot_whitening(space, p, x0, chains, seed + i)
+                    for i, (p, x0) in enumerate(zip(pilots, flat0))]
+        factor = torch.stack([f for f, _ in whitened])
+        u0 = torch.cat([u for _, u in whitened])
     stacked = space.potential(LensModel.stack(models, repeat=chains))
 
     def to_theta(u):
@@ -461,8 +492,8 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
 
     u, stats = hmc(lambda v: stacked(to_theta(v)), u0, num_samples=num_samples, warmup=warmup,
                target_accept=target_accept, path_length=path_length, groups=groups, seed=seed,
-               progress=progress, desc="HMC" if n_lens == 1 else f"HMC ({n_lens} lenses)",
-               checkpoint=checkpoint)
+               adapt_metric=pilots is None, progress=progress,
+               desc="HMC" if n_lens == 1 else f"HMC ({n_lens} lenses)", checkpoint=checkpoint)
     theta = (flat0[lens_of_chain][:, None]
              + torch.einsum("cij,csj->csi", factor[lens_of_chain], u))
     sites = space.constrained(theta.reshape(-1, d))               # chain-major, then draw
@@ -473,6 +504,90 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         out.append(_posterior_from_draws(m, init, posterior, chains, seed + i))
         out[-1].seconds = dict(stats["seconds"])
     return out
+
+
+def pilot_whitening(space, pilot, flat0, chains, seed=0, min_draws_per_dim=2):
+    """Whitening and starting points for HMC from the draws of an earlier (pilot) run.
+
+    The pilot's draws of every sampled site are mapped to Pyro's unconstrained space (the
+    layout of ``space``) and pooled over chains; their covariance ``S`` (between-chain spread
+    included, so an unmixed pilot's chains together measure the ridge they wander along) gives
+    ``L = chol(S)``, and the sampler runs in ``u`` with ``theta = flat0 + L u``, where the
+    posterior is close to unit width in every direction the pilot explored.  Chain c starts at
+    a random draw of the second half of pilot chain ``c mod C_pilot``.
+
+    Parameters
+    ----------
+    space : FlatSites
+        The layout of the model to be sampled.
+    pilot : Posterior, arviz.InferenceData or str or Path
+        The pilot run (a ``posterior.nc`` path is read with ArviZ).  It must hold every site
+        ``space`` samples, with the same shapes.
+    flat0 : Tensor (D,)
+        The origin of ``u`` (the MAP, unconstrained).
+    chains : int
+        Chains of the new run.
+    seed : int
+    min_draws_per_dim : int
+        Refuse pilots with fewer than this many draws per unconstrained dimension (too few to
+        estimate a ``D x D`` covariance).
+
+    Returns
+    -------
+    factor : Tensor (D, D)
+        ``L``, lower triangular, ``L L^T = S``.
+    u0 : Tensor (chains, D)
+        Starting points in ``u``.
+    """
+    if isinstance(pilot, (str, Path)):
+        import arviz as az
+
+        if not Path(pilot).is_file():
+            raise ValueError(f"pilot posterior {pilot} does not exist")
+        pilot = az.from_netcdf(str(pilot))
+    idata = getattr(pilot, "idata", pilot)
+    if not hasattr(idata, "posterior"):
+        raise ValueError(f"pilot must be a Posterior, an arviz InferenceData or a posterior.nc "
+                         f"path, got {type(pilot).__name__}")
+    draws = idata.posterior
+    missing = [n for n in space.names if n not in draws]
+    if missing:
+        raise ValueError(f"pilot lacks the sampled sites {missing}: it must come from a run of "
+                         "the same model")
+    parts = []
+    for name, shape in zip(space.names, space.shapes):
+        x = torch.as_tensor(np.asarray(draws[name].values), dtype=torch.float64)
+        if tuple(x.shape[2:]) != tuple(shape):
+            raise ValueError(f"pilot site {name!r} has shape {tuple(x.shape[2:])} per draw, the "
+                             f"model samples {tuple(shape)}")
+        transform = space.transforms.get(name)
+        with torch.no_grad():
+            y = transform(x) if transform is not None else x
+        parts.append(y.reshape(*x.shape[:2], -1))
+    pooled = torch.cat(parts, -1)                                   # (C_pilot, N_pilot, D)
+    c_pilot, n_pilot, d = pooled.shape
+    if not torch.isfinite(pooled).all():
+        raise ValueError("pilot draws are not finite in the unconstrained space (NaNs, or "
+                         "values on a prior's bound)")
+    if c_pilot * n_pilot < min_draws_per_dim * d:
+        raise ValueError(f"pilot holds {c_pilot * n_pilot} draws, too few for the covariance of "
+                         f"{d} unconstrained dimensions (need >= {min_draws_per_dim * d})")
+    flat = pooled.reshape(-1, d)
+    cov = torch.cov(flat.T)
+    cov = cov + 1e-9 * torch.diag(cov.diagonal())                   # round-off, not a prior
+    try:
+        factor = torch.linalg.cholesky(cov)
+    except RuntimeError as exc:
+        raise ValueError("pilot draws do not span every unconstrained dimension (a site held "
+                         "fixed or never moved?)") from exc
+    gen = torch.Generator().manual_seed(seed)
+    half = n_pilot // 2
+    picks = [pooled[c % c_pilot, half + int(torch.randint(n_pilot - half, (), generator=gen))]
+             for c in range(chains)]
+    origin = flat0.detach().to(torch.float64).cpu()
+    u0 = torch.linalg.solve_triangular(factor, (torch.stack(picks) - origin).T, upper=False).T
+    like = dict(dtype=flat0.dtype, device=flat0.device)
+    return factor.to(**like), u0.to(**like)
 
 
 def _grad_fn(batched):
