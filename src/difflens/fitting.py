@@ -18,6 +18,7 @@ import torch
 
 from .datasets.observation import Observation
 from .infer import MAPResult, Posterior, fit_map, sample_laplace, sample_posterior
+from .infer.mcmc import read_pilot
 from .lensing import to_lenstronomy_epl
 from .model import LensModel, Priors, q_phi_to_ellipticity
 from .simulate import LENS_PARAMS, Simulator
@@ -400,8 +401,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         raise ValueError(f"checkpoints are kept by sampler='hmc' only, not by {sampler!r}")
     if pilot is not None and sampler != "hmc":
         raise ValueError(f"a pilot posterior is used by sampler='hmc' only, not by {sampler!r}")
-    if isinstance(pilot, (str, Path)) and not Path(pilot).is_file():
-        raise ValueError(f"pilot posterior {pilot} does not exist")
+    if pilot is not None:
+        pilot = read_pilot(pilot)                  # a missing or unreadable file: before the MAP
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
                         marginalise_amplitudes=marginalise_amplitudes,

@@ -98,13 +98,16 @@ class FlatSites:
         return batched_potential(model, self.transforms, self.names, self.sizes, self.shapes,
                                  jacobian=jacobian)
 
-    def flatten(self, values: dict) -> torch.Tensor:
-        """Constrained site values (one parameter set) -> unconstrained flat vector (D,)."""
+    def flatten(self, values: dict, batch_ndim=0) -> torch.Tensor:
+        """Constrained site values -> unconstrained flat vectors: one parameter set gives
+        ``(D,)``; with ``batch_ndim`` leading batch dimensions (e.g. 2 for chains x draws),
+        ``(*batch, D)``."""
         parts = []
         for k in self.names:
             v = torch.as_tensor(values[k], dtype=self.start.dtype, device=self.start.device)
-            parts.append((self.transforms[k](v) if k in self.transforms else v).reshape(-1))
-        return torch.cat(parts).to(self.start.dtype)   # transforms may hold float64 bounds
+            y = self.transforms[k](v) if k in self.transforms else v
+            parts.append(y.reshape(*v.shape[:batch_ndim], -1))
+        return torch.cat(parts, -1).to(self.start.dtype)   # transforms may hold float64 bounds
 
     def unconstrained(self, u: torch.Tensor) -> dict:
         """Rows ``u`` (N, D) -> unconstrained site tensors of shape ``(N, *site_shape)``."""

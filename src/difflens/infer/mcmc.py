@@ -506,6 +506,24 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
     return out
 
 
+def read_pilot(pilot):
+    """A pilot run (:func:`pilot_whitening`) as an InferenceData held in memory: a ``Posterior``
+    or InferenceData as it is, a ``posterior.nc`` path read with ArviZ and loaded at once (so
+    the file may be replaced afterwards)."""
+    if isinstance(pilot, (str, Path)):
+        import arviz as az
+
+        if not Path(pilot).is_file():
+            raise ValueError(f"pilot posterior {pilot} does not exist")
+        pilot = az.from_netcdf(str(pilot))
+        pilot.posterior.load()
+    idata = getattr(pilot, "idata", pilot)
+    if not hasattr(idata, "posterior"):
+        raise ValueError(f"pilot must be a Posterior, an arviz InferenceData or a posterior.nc "
+                         f"path, got {type(pilot).__name__}")
+    return idata
+
+
 def pilot_whitening(space, pilot, flat0, chains, seed=0, min_draws_per_dim=2):
     """Whitening and starting points for HMC from the draws of an earlier (pilot) run.
 
@@ -539,32 +557,18 @@ def pilot_whitening(space, pilot, flat0, chains, seed=0, min_draws_per_dim=2):
     u0 : Tensor (chains, D)
         Starting points in ``u``.
     """
-    if isinstance(pilot, (str, Path)):
-        import arviz as az
-
-        if not Path(pilot).is_file():
-            raise ValueError(f"pilot posterior {pilot} does not exist")
-        pilot = az.from_netcdf(str(pilot))
-    idata = getattr(pilot, "idata", pilot)
-    if not hasattr(idata, "posterior"):
-        raise ValueError(f"pilot must be a Posterior, an arviz InferenceData or a posterior.nc "
-                         f"path, got {type(pilot).__name__}")
-    draws = idata.posterior
+    draws = read_pilot(pilot).posterior
     missing = [n for n in space.names if n not in draws]
     if missing:
         raise ValueError(f"pilot lacks the sampled sites {missing}: it must come from a run of "
                          "the same model")
-    parts = []
     for name, shape in zip(space.names, space.shapes):
-        x = torch.as_tensor(np.asarray(draws[name].values), dtype=torch.float64)
-        if tuple(x.shape[2:]) != tuple(shape):
-            raise ValueError(f"pilot site {name!r} has shape {tuple(x.shape[2:])} per draw, the "
-                             f"model samples {tuple(shape)}")
-        transform = space.transforms.get(name)
-        with torch.no_grad():
-            y = transform(x) if transform is not None else x
-        parts.append(y.reshape(*x.shape[:2], -1))
-    pooled = torch.cat(parts, -1)                                   # (C_pilot, N_pilot, D)
+        if tuple(draws[name].shape[2:]) != tuple(shape):
+            raise ValueError(f"pilot site {name!r} has shape {tuple(draws[name].shape[2:])} per "
+                             f"draw, the model samples {tuple(shape)}")
+    with torch.no_grad():
+        pooled = space.flatten({n: np.asarray(draws[n].values) for n in space.names},
+                               batch_ndim=2).to(torch.float64).cpu()  # (C_pilot, N_pilot, D)
     c_pilot, n_pilot, d = pooled.shape
     if not torch.isfinite(pooled).all():
         raise ValueError("pilot draws are not finite in the unconstrained space (NaNs, or "
