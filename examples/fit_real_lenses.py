@@ -118,6 +118,9 @@ def main(argv=None):
                     help="output folder of an earlier sampled run of the same settings: each "
                          "lens's posterior.nc there whitens HMC and starts its chains "
                          "(LensFit.sample(pilot=)); use another --out")
+    ap.add_argument("--pilot-flow", action="store_true",
+                    help="with --pilot: fit a normalising flow to the pilot's draws and sample "
+                         "in its latent space (LensFit.sample(pilot_flow=True))")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE / "output" / "real_lenses"))
     args = ap.parse_args(argv)
@@ -132,6 +135,8 @@ def main(argv=None):
     if args.gamma_fixed is not None and not 1.0 < args.gamma_fixed < 3.0:
         ap.error(f"--gamma-fixed must lie inside the deflection table's range (1, 3), got "
                  f"{args.gamma_fixed}")
+    if args.pilot_flow and not args.pilot:
+        ap.error("--pilot-flow needs --pilot")
     shared = Path(args.shared)
     if not shared.exists():
         raise SystemExit(f"data folder {shared} not found (pass --shared)")
@@ -185,6 +190,7 @@ def main(argv=None):
             fit = fit.sample(args.samples, warmup=args.warmup, chains=args.chains,
                              sample_lens_light=False, hold=args.hold, seed=args.seed,
                              per_chain_metric=args.per_chain_metric, pilot=pilot,
+                             pilot_flow=args.pilot_flow,
                              checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
             out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()

@@ -79,6 +79,7 @@ def test_simulate_then_fit_round_trip(tmp_path, capsys):
     (["fit", "{obs}", "--noise-sigma", "0.1", "--sampler", "nuts", "--pilot", "{junk}"],
      "sampler='hmc' only"),
     (["fit", "{obs}", "--noise-sigma", "0.1", "--pilot", "{missing}"], "does not exist"),
+    (["fit", "{obs}", "--noise-sigma", "0.1", "--pilot-flow"], "pass pilot"),
     (["fit", "{obs}", "--noise-sigma", "0.1", "--source-correction", "-0.05"],
      "source correction sigma must be a positive"),
     (["fit", "{obs}", "--noise-sigma", "0.1", "--source-correction", "0.05"], "needs the VAE"),

@@ -120,7 +120,8 @@ def _cmd_fit(args):
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler,
                    sample_lens_light=not args.hold_lens_light, hold=args.hold or (),
                    seed=args.seed, init=args.init_from, checkpoint=args.checkpoint,
-                   pilot=args.pilot, marginalise_amplitudes=args.marginalise_amplitudes,
+                   pilot=args.pilot, pilot_flow=args.pilot_flow,
+                   marginalise_amplitudes=args.marginalise_amplitudes,
                    source_correction=_correction(args), device=args.device)
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="posterior.nc of an earlier run of the same fit (--sampler hmc): its "
                         "draws' covariance whitens the sampler and its draws start the chains, "
                         "for posteriors whose warm-up cannot measure their width")
+    p.add_argument("--pilot-flow", action="store_true",
+                   help="with --pilot: also fit a normalising flow to the pilot's draws and "
+                        "sample in its latent space (NeuTra), for curved ridges")
     p.add_argument("--device", default="cpu",
                    help="where the fit runs: cpu, cuda, cuda:1 (the whole fit on one GPU)")
     p.set_defaults(func=_cmd_fit)

@@ -218,8 +218,8 @@ class LensFit:
         return "\n".join(lines)
 
     def sample(self, samples=500, *, warmup=200, chains=4, sampler="hmc", max_tree_depth=7,
-               sample_lens_light=True, hold=(), per_chain_metric=False, pilot=None, seed=0,
-               progress=True, checkpoint=None) -> "LensFit":
+               sample_lens_light=True, hold=(), per_chain_metric=False, pilot=None,
+               pilot_flow=False, seed=0, progress=True, checkpoint=None) -> "LensFit":
         """This fit with a posterior sampled from its MAP (see :func:`fit_lens` for the
         arguments); the MAP can be saved before a long sampling run starts.
 
@@ -229,7 +229,9 @@ class LensFit:
 
         ``pilot`` (HMC only): an earlier run's posterior of the same model, held sites
         included (a ``Posterior`` or ``posterior.nc``), whose covariance whitens the sampler
-        and whose draws start the chains (:func:`difflens.infer.sample_posterior`).
+        and whose draws start the chains (:func:`difflens.infer.sample_posterior`);
+        ``pilot_flow=True`` also fits a normalising flow to its draws and samples in the
+        flow's latent space (for curved ridges).
 
         Examples
         --------
@@ -245,7 +247,7 @@ class LensFit:
             model = model.with_fixed(held)
             sites = {k: v for k, v in sites.items() if k not in held}
         if sampler == "laplace":
-            if checkpoint is not None or per_chain_metric or pilot is not None:
+            if checkpoint is not None or per_chain_metric or pilot is not None or pilot_flow:
                 raise ValueError("sampler='laplace' draws at once: it keeps no checkpoint and "
                                  "adapts no metric (checkpoint / per_chain_metric / pilot)")
             post = sample_laplace(model, sites, num_samples=samples * chains, seed=seed)
@@ -254,7 +256,7 @@ class LensFit:
                                     chains=chains, seed=seed, method=sampler,
                                     max_tree_depth=max_tree_depth, progress=progress,
                                     per_chain_metric=per_chain_metric, pilot=pilot,
-                                    checkpoint=checkpoint)
+                                    pilot_flow=pilot_flow, checkpoint=checkpoint)
         return LensFit(self.observation, self.model, self.map, post)
 
     def save(self, out_dir, coolest=False) -> Path:
@@ -343,7 +345,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
              encode_source=True, samples=0, warmup=200,
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
              marginalise_amplitudes=False, source_correction=None, dtype=torch.float64,
-             device="cpu", progress=True, init=None, checkpoint=None, pilot=None) -> LensFit:
+             device="cpu", progress=True, init=None, checkpoint=None, pilot=None,
+             pilot_flow=False) -> LensFit:
     """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
     Parameters
@@ -387,6 +390,10 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         chains started at its draws and no metric adaptation
         (:func:`difflens.infer.sample_posterior`); for posteriors too curved or too slow for
         warm-up to measure.
+    pilot_flow : bool
+        With ``pilot``: also fit a normalising flow to the pilot's draws and run HMC in its
+        latent space (NeuTra, :func:`difflens.infer.mcmc.pilot_flow_fit`), for curved ridges
+        that a covariance cannot make round.
 
     Examples
     --------
@@ -401,6 +408,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         raise ValueError(f"checkpoints are kept by sampler='hmc' only, not by {sampler!r}")
     if pilot is not None and sampler != "hmc":
         raise ValueError(f"a pilot posterior is used by sampler='hmc' only, not by {sampler!r}")
+    if pilot_flow and pilot is None:
+        raise ValueError("pilot_flow fits a flow to a pilot's draws: pass pilot too")
     if pilot is not None:
         pilot = read_pilot(pilot)                  # a missing or unreadable file: before the MAP
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
@@ -417,7 +426,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         fit = fit.sample(samples, warmup=warmup, chains=chains, sampler=sampler,
                          max_tree_depth=max_tree_depth, sample_lens_light=sample_lens_light,
                          hold=hold, seed=seed, progress=progress, checkpoint=checkpoint,
-                         pilot=pilot)
+                         pilot=pilot, pilot_flow=pilot_flow)
     return fit
 
 
