@@ -121,6 +121,7 @@ def _cmd_fit(args):
                    sample_lens_light=not args.hold_lens_light, hold=args.hold or (),
                    seed=args.seed, init=args.init_from, checkpoint=args.checkpoint,
                    pilot=args.pilot, pilot_flow=args.pilot_flow,
+                   source_interpolation=args.source_interpolation,
                    marginalise_amplitudes=args.marginalise_amplitudes,
                    source_correction=_correction(args), device=args.device)
     fit.save(args.out, coolest=args.coolest)
@@ -254,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="posterior.nc of an earlier run of the same fit (--sampler hmc): its "
                         "draws' covariance whitens the sampler and its draws start the chains, "
                         "for posteriors whose warm-up cannot measure their width")
+    p.add_argument("--source-interpolation", choices=("bilinear", "cubic"),
+                   default="bilinear",
+                   help="how the VAE stamp is read between its pixels: cubic gives the "
+                        "likelihood a continuous gradient (longer HMC steps on bright arcs)")
     p.add_argument("--pilot-flow", action="store_true",
                    help="with --pilot: also fit a normalising flow to the pilot's draws and "
                         "sample in its latent space (NeuTra), for curved ridges")

@@ -56,7 +56,8 @@ def data_flux_scale(obs: Observation) -> float:
 
 def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=None,
                 lens_light=0, flux_scale="auto", supersample=1, marginalise_amplitudes=False,
-                source_correction=None, dtype=torch.float64, device="cpu") -> LensModel:
+                source_correction=None, source_interpolation="bilinear", dtype=torch.float64,
+                device="cpu") -> LensModel:
     """The :class:`LensModel` of an observation (grid and PSF taken from it).
 
     Parameters
@@ -85,6 +86,9 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
         :class:`~difflens.sources.correction.PixelCorrection` sets grid and flux too.  For
         sources the VAE cannot draw (real galaxies with clumps).  Experimental: compare modes by
         :func:`difflens.infer.evidence.correction_evidence` (docs/fitting.md).
+    source_interpolation : "bilinear" or "cubic"
+        How the VAE stamp is read between pixel centres (:class:`LensModel`); "cubic" gives
+        the likelihood a continuous gradient, for HMC on bright arcs.
     dtype : torch.dtype
         Of every model tensor (float64 default; float32 halves memory and time, see
         docs/benchmarks.md for its accuracy).
@@ -136,7 +140,8 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
     sim = Simulator(npix=obs.shape, pixel_scale=obs.pixel_scale,
                     psf=torch.as_tensor(obs.psf, device=device) if obs.psf is not None else None,
                     psf_sigma=psf_sigma, supersample=supersample, dtype=dtype, device=device)
-    return LensModel(obs.image, obs.noise_sigma, sim, source=src, priors=pri, mask=obs.mask)
+    return LensModel(obs.image, obs.noise_sigma, sim, source=src, priors=pri, mask=obs.mask,
+                     source_interpolation=source_interpolation)
 
 
 def _checked_device(device) -> torch.device:
@@ -346,7 +351,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
              marginalise_amplitudes=False, source_correction=None, dtype=torch.float64,
              device="cpu", progress=True, init=None, checkpoint=None, pilot=None,
-             pilot_flow=False) -> LensFit:
+             pilot_flow=False, source_interpolation="bilinear") -> LensFit:
     """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
     Parameters
@@ -394,6 +399,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         With ``pilot``: also fit a normalising flow to the pilot's draws and run HMC in its
         latent space (NeuTra, :func:`difflens.infer.mcmc.pilot_flow_fit`), for curved ridges
         that a covariance cannot make round.
+    source_interpolation : "bilinear" or "cubic"
+        As in :func:`build_model`.
 
     Examples
     --------
@@ -415,7 +422,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
                         marginalise_amplitudes=marginalise_amplitudes,
-                        source_correction=source_correction, dtype=dtype, device=device)
+                        source_correction=source_correction,
+                        source_interpolation=source_interpolation, dtype=dtype, device=device)
     model.check_site_names(hold, "hold")           # before the MAP, not after it
     if init is not None and not isinstance(init, dict):
         init = start_from_summary(model, init)

@@ -42,6 +42,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from .instrument import marginal_log_likelihood
 from .simulate import Simulator
 from .sources import PixelSource, Sersic, SourceSum
+from .sources.models import check_interpolation
 from .sources.correction import PixelCorrection
 
 Q_MIN = 0.1
@@ -486,6 +487,11 @@ class LensModel:
         Default: ``Priors.default`` for that source.
     mask : Tensor (ny, nx) of bool, optional
         True where pixels enter the likelihood.
+    source_interpolation : "bilinear" or "cubic"
+        How the VAE stamp is read between its pixel centres
+        (:func:`difflens.sources.image.sample_image`).  Bilinear is the paper's; cubic gives
+        the likelihood a continuous gradient, which lets HMC take far longer steps on bright
+        arcs (docs/fitting.md).
 
     Examples
     --------
@@ -498,8 +504,10 @@ class LensModel:
     """
 
     def __init__(self, data, noise_sigma, simulator: Simulator, source="sersic", priors=None,
-                 mask=None):
+                 mask=None, source_interpolation="bilinear"):
         dtype, device = simulator.x.dtype, simulator.x.device
+        check_interpolation(source_interpolation)
+        self.source_interpolation = source_interpolation
         self.simulator = simulator
         if mask is not None:
             mask = torch.as_tensor(mask, dtype=torch.bool, device=device)
@@ -564,7 +572,8 @@ class LensModel:
                                or not torch.equal(a.psf, b.psf)):
                 raise ValueError("stacked models must share the pixel grid and the PSF")
             if m.priors is not first.priors or m.source_kind != first.source_kind or (
-                    m.source_kind == "vae" and m.vae is not first.vae):
+                    m.source_kind == "vae" and m.vae is not first.vae) or (
+                    m.source_interpolation != first.source_interpolation):
                 raise ValueError("stacked models must share one Priors object and one source "
                                  "(build them with LensModel.with_data)")
             if (m.mask is None) != (first.mask is None):
@@ -790,7 +799,8 @@ class LensModel:
                 values["src_correction"] = pyro.sample("src_correction",
                                                        correction.prior(values["z"]))
             stamp = PixelSource(self.source_stamp({**values, "src_amp": p["amp"]}), x0=p["x0"],
-                                y0=p["y0"], s=p["s"], amp=p["amp"])
+                                y0=p["y0"], s=p["s"], amp=p["amp"],
+                                interpolation=self.source_interpolation)
             if correction is None or correction.frame is None:
                 return stamp
             return SourceSum((stamp, self.correction_source(values["src_correction"])))

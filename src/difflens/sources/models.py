@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .._params import as_column, as_param, check_range
-from .image import IMAGE_PARAMS, sample_image
+from .image import IMAGE_PARAMS, INTERPOLATIONS, sample_image
 from .sersic import SERSIC_PARAMS, sersic_profile, validate_sersic
 
 
@@ -44,6 +44,13 @@ class Sersic:
         return sersic_profile(bx, by, **{k: as_column(v, nd) for k, v in p.items()})
 
 
+def check_interpolation(interpolation):
+    """Refuse a stamp interpolation other than "bilinear" or "cubic", naming it."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"source interpolation must be one of {INTERPOLATIONS}, got "
+                         f"{interpolation!r}")
+
+
 @dataclass
 class PixelSource:
     """A pixel stamp (e.g. a VAE decoder output) placed by centre, half-width and amplitude.
@@ -53,6 +60,8 @@ class PixelSource:
     image : Tensor (H, W) or (B, H, W)
         The stamp, dimensionless; row i along +y, column j along +x.
     x0, y0 : centre, arcsec.  s : half-width of the stamp, arcsec.  amp : amplitude (iota).
+    interpolation : "bilinear" (default) or "cubic", between pixel centres
+        (:func:`difflens.sources.image.sample_image`).
 
     Examples
     --------
@@ -67,9 +76,11 @@ class PixelSource:
     y0: object = 0.0
     s: object = 1.0
     amp: object = 1.0
+    interpolation: str = "bilinear"
 
     def validate(self, like: torch.Tensor) -> dict:
         """The placement parameters as tensors like ``like``, checked (s > 0, finite)."""
+        check_interpolation(self.interpolation)
         p = {k: as_param("source " + k, getattr(self, k), like) for k in IMAGE_PARAMS}
         check_range("source s", p["s"], 0.0, math.inf)
         return p
@@ -77,7 +88,7 @@ class PixelSource:
     def __call__(self, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
         p = self.validate(bx)
         img = self.image if self.image.ndim == 3 else self.image[None]
-        return sample_image(img.to(bx.dtype), bx, by, **p)
+        return sample_image(img.to(bx.dtype), bx, by, **p, interpolation=self.interpolation)
 
 
 @dataclass
