@@ -72,7 +72,11 @@ def _cubic_spline_sample(image, u, v):
 
     image (B', H, W), u and v (B, P) with B' in (1, B) -> (B, P).  Coefficients
     ``c = M_y d M_x^T`` with M the B-spline prefilter of the padded node values
-    (:func:`difflens.lensing.spl._bspline_prefilter`), then 4 x 4 taps per position.
+    (:func:`difflens.lensing.spl._bspline_prefilter`).  The 4 x 4 taps are summed as four
+    bilinear lookups (Sigg & Hadwiger 2005): along each axis the weights ``w0..w3`` are
+    positive, so ``w0 c_i + w1 c_{i+1} = (w0 + w1) lerp(c_i, c_{i+1}, w1 / (w0 + w1))``, and
+    likewise for ``c_{i+2}, c_{i+3}``; ``grid_sample`` then does the gathers and their
+    gradients natively.
     """
     from ..lensing.spl import _bspline_prefilter, _bspline_weights
 
@@ -82,19 +86,23 @@ def _cubic_spline_sample(image, u, v):
     my = torch.as_tensor(_bspline_prefilter(h + 2 * pad, "mirror"), **like)
     mx = my if w == h else torch.as_tensor(_bspline_prefilter(w + 2 * pad, "mirror"), **like)
     coef = my @ F.pad(image, (pad, pad, pad, pad)) @ mx.T          # (B', H + 2p + 2, W + 2p + 2)
-    coef = coef.expand(nb, -1, -1).reshape(nb, -1)
-    ncx = w + 2 * pad + 2
+    hc, wc = coef.shape[-2:]
     tx = ((u + 1) * w - 1) / 2 + pad                                # padded node coordinates
     ty = ((v + 1) * h - 1) / 2 + pad
     inside = (tx >= 0) & (tx <= w + 2 * pad - 1) & (ty >= 0) & (ty <= h + 2 * pad - 1)
     ix, wx = _bspline_weights(tx.clamp(0, w + 2 * pad - 1), w + 2 * pad)
     iy, wy = _bspline_weights(ty.clamp(0, h + 2 * pad - 1), h + 2 * pad)
+    gx = (wx[..., 0] + wx[..., 1], wx[..., 2] + wx[..., 3])        # pair weights, x then y
+    gy = (wy[..., 0] + wy[..., 1], wy[..., 2] + wy[..., 3])
+    px = (ix + wx[..., 1] / gx[0], ix + 2 + wx[..., 3] / gx[1])    # coefficient index space
+    py = (iy + wy[..., 1] / gy[0], iy + 2 + wy[..., 3] / gy[1])
+    stamp = coef.unsqueeze(1).expand(nb, -1, -1, -1)
     out = 0.0
-    for a in range(4):
-        row = 0.0
-        for b in range(4):
-            row = row + torch.gather(coef, 1, (iy + a) * ncx + ix + b) * wx[..., b]
-        out = out + row * wy[..., a]
+    for a in range(2):
+        for b in range(2):
+            grid = torch.stack([2 * px[b] / (wc - 1) - 1, 2 * py[a] / (hc - 1) - 1], -1)
+            val = F.grid_sample(stamp, grid[:, None], mode="bilinear", align_corners=True)
+            out = out + gx[b] * gy[a] * val.reshape(nb, -1)
     return torch.where(inside, out, torch.zeros_like(out))
 
 
