@@ -1,20 +1,20 @@
 """A normalising flow fitted to a pilot run's draws, to precondition HMC on curved posteriors.
 
 A linear whitening (a pilot's covariance, :func:`difflens.infer.mcmc.pilot_whitening`) makes a
-posterior round only if its degeneracies are straight.  A single arc's ellipticity-shear ridge
-is not: along it q runs from 0.4 to 0.8 while theta_E, g1 and e1 bend with it, so HMC's step
-size is set by the ridge's narrow width at its tightest bend and it crosses the ridge's length
-by random walk.  NeuTra (Hoffman et al. 2019, "NeuTra-lizing bad geometry in Hamiltonian Monte
-Carlo using neural transport") runs HMC instead in the latent space ``z`` of a bijection
-``w = f(z)`` under which the posterior is close to a unit normal:
+posterior round only if its degeneracies are straight.  On a curved ridge (a banana) the local
+width across the ridge is far smaller than the covariance says, so HMC's step is set by the
+ridge's narrow width and it crosses the ridge's length by random walk.  NeuTra (Hoffman et al.
+2019, "NeuTra-lizing bad geometry in Hamiltonian Monte Carlo using neural transport") runs HMC
+instead in the latent space ``z`` of a bijection ``w = f(z)`` under which the posterior is close
+to a unit normal, with potential ``U_z(z) = U(f(z)) - log |det df/dz|``: exact for any
+bijection, efficient when ``f`` pushes N(0, I) onto the posterior.  Here ``f`` is a RealNVP
+stack of affine coupling layers (Dinh et al. 2017) fitted by maximum likelihood to the pilot's
+whitened draws ``w`` (rather than by variational inference as in NeuTra: the pilot has already
+explored the ridge).  Its last layers start at zero, so an untrained flow is the identity and
+HMC falls back to the linear whitening.
 
-    U_z(z) = U(f(z)) - log |det df/dz|,
-
-exact for any bijection, efficient when ``f`` pushes N(0, I) onto the posterior.  Here ``f`` is
-a RealNVP stack of affine coupling layers (Dinh et al. 2017) fitted by maximum likelihood to
-the pilot's whitened draws ``w`` (rather than by variational inference as in NeuTra: the pilot
-has already explored the ridge).  Its last layers start at zero, so an untrained flow is the
-identity and HMC falls back to the linear whitening.
+Experimental: on lens 3 of docs/real_data.md it did not lengthen HMC's steps (docs/fitting.md,
+"A flow fitted to the pilot").
 """
 
 from __future__ import annotations
