@@ -590,6 +590,14 @@ def pilot_whitening(space, pilot, flat0, chains, seed=0, min_draws_per_dim=2):
         Starting points in ``u``.
     """
     pooled = _pilot_draws(space, pilot, min_draws_per_dim)          # (C_pilot, N_pilot, D)
+    factor, u0 = _whitening_from_draws(pooled, flat0, chains, seed)
+    like = dict(dtype=flat0.dtype, device=flat0.device)
+    return factor.to(**like), u0.to(**like)
+
+
+def _whitening_from_draws(pooled, flat0, chains, seed):
+    """:func:`pilot_whitening` from the pilot's unconstrained draws ``(C, N, D)``: ``L`` and
+    the starts ``u0``, float64 on the CPU."""
     c_pilot, n_pilot, d = pooled.shape
     flat = pooled.reshape(-1, d)
     cov = torch.cov(flat.T)
@@ -605,8 +613,7 @@ def pilot_whitening(space, pilot, flat0, chains, seed=0, min_draws_per_dim=2):
              for c in range(chains)]
     origin = flat0.detach().to(torch.float64).cpu()
     u0 = torch.linalg.solve_triangular(factor, (torch.stack(picks) - origin).T, upper=False).T
-    like = dict(dtype=flat0.dtype, device=flat0.device)
-    return factor.to(**like), u0.to(**like)
+    return factor, u0
 
 
 def pilot_flow_fit(space, pilot, flat0, chains, seed=0, flow_file=None, progress=False,
@@ -647,13 +654,11 @@ def pilot_flow_fit(space, pilot, flat0, chains, seed=0, flow_file=None, progress
     """
     from .flow import CouplingFlow, fit_flow
 
-    pilot = read_pilot(pilot)
-    factor, u0 = pilot_whitening(space, pilot, flat0, chains, seed)
     pooled = _pilot_draws(space, pilot)
+    factor, u0 = _whitening_from_draws(pooled, flat0, chains, seed)
     c_pilot, n_pilot, d = pooled.shape
-    lower = factor.detach().to(torch.float64).cpu()
     origin = flat0.detach().to(torch.float64).cpu()
-    w = torch.linalg.solve_triangular(lower, (pooled.reshape(-1, d) - origin).T, upper=False).T
+    w = torch.linalg.solve_triangular(factor, (pooled.reshape(-1, d) - origin).T, upper=False).T
     w = w.reshape(c_pilot, n_pilot, d)
     cut = max(1, (4 * n_pilot) // 5)
     info = {}
@@ -676,9 +681,9 @@ def pilot_flow_fit(space, pilot, flat0, chains, seed=0, flow_file=None, progress
         print(f"pilot flow: held-out log density {gain:+.2f} nats per draw over the pilot's "
               f"covariance alone (best at step {info['best_step']})", flush=True)
     with torch.no_grad():
-        z0, _ = flow.inverse(u0.detach().to(torch.float64).cpu())
+        z0, _ = flow.inverse(u0)
     like = dict(dtype=flat0.dtype, device=flat0.device)
-    return factor, flow.to(**like), z0.to(**like), info
+    return factor.to(**like), flow.to(**like), z0.to(**like), info
 
 
 def _pilot_draws(space, pilot, min_draws_per_dim=2):
