@@ -12,6 +12,7 @@ difflens.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,6 +67,17 @@ def sample_image(image, x, y, x0, y0, s, amp, interpolation="bilinear"):
     return as_column(amp, nd) * out.reshape(nb, *spatial)
 
 
+@functools.lru_cache(maxsize=8)
+def _stamp_prefilter(n):
+    """The B-spline prefilter of ``n`` padded stamp nodes, computed once per size (a matrix
+    inverse, not to be redone in every likelihood call); read-only."""
+    from ..lensing.spl import _bspline_prefilter
+
+    matrix = _bspline_prefilter(n, "mirror")
+    matrix.setflags(write=False)
+    return matrix
+
+
 def _cubic_spline_sample(image, u, v):
     """The interpolating cubic B-spline of zero-padded stamps at stamp coordinates ``u, v`` in
     [-1, 1] (the ``grid_sample`` convention: pixel j's centre at ``-1 + (2j + 1) / W``).
@@ -78,13 +90,13 @@ def _cubic_spline_sample(image, u, v):
     likewise for ``c_{i+2}, c_{i+3}``; ``grid_sample`` then does the gathers and their
     gradients natively.
     """
-    from ..lensing.spl import _bspline_prefilter, _bspline_weights
+    from ..lensing.spl import _bspline_weights
 
     nb, h, w = u.shape[0], image.shape[-2], image.shape[-1]
     pad = _CUBIC_PAD
     like = dict(dtype=image.dtype, device=image.device)
-    my = torch.as_tensor(_bspline_prefilter(h + 2 * pad, "mirror"), **like)
-    mx = my if w == h else torch.as_tensor(_bspline_prefilter(w + 2 * pad, "mirror"), **like)
+    my = torch.tensor(_stamp_prefilter(h + 2 * pad), **like)          # a copy: cache stays
+    mx = my if w == h else torch.tensor(_stamp_prefilter(w + 2 * pad), **like)
     coef = my @ F.pad(image, (pad, pad, pad, pad)) @ mx.T          # (B', H + 2p + 2, W + 2p + 2)
     hc, wc = coef.shape[-2:]
     tx = ((u + 1) * w - 1) / 2 + pad                                # padded node coordinates
