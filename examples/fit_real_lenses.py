@@ -125,6 +125,8 @@ def main(argv=None):
                     default="bilinear",
                     help="how the VAE stamp is read between pixels (fit_lens("
                          "source_interpolation=)); cubic lets HMC take longer steps")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda: where the MAP and the chains run (fit_lens(device=))")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE / "output" / "real_lenses"))
     args = ap.parse_args(argv)
@@ -183,7 +185,7 @@ def main(argv=None):
         fit = fit_lens(obs, source=args.source, priors=priors, steps=args.steps,
                        restarts=args.restarts, finals=args.finals,
                        encode_source=not args.no_source_start, samples=0, seed=args.seed,
-                       source_interpolation=args.source_interpolation,
+                       source_interpolation=args.source_interpolation, device=args.device,
                        init=Path(args.init_from) / name if args.init_from else None)
         out = fit.save(Path(args.out) / name, coolest=True)
         print(fit.table(), flush=True)

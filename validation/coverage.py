@@ -19,7 +19,9 @@ chunks are saved under ``chunks/`` and skipped on a rerun (resume).
 On the 2-core CPU the default is 32 Sersic-source mocks at 64x64 (0.12"/px).  ``--source
 galaxy`` uses the real COSMOS galaxies the VAE never saw (denoised, rotated by 90 degrees per
 pass through them) and fits them with the VAE source -- the honest test; with a GPU use
-``--n 128 --chunk 64 --npix 256 --pixel-scale 0.04 --source galaxy``.
+``--n 128 --chunk 64 --npix 256 --pixel-scale 0.04 --source galaxy --device cuda``.
+``--source-interpolation cubic`` reads the fitted VAE stamp with the cubic B-spline
+(:func:`difflens.fitting.fit_lenses`).
 
 ``--samples 0`` fits the MAP only and reports its errors instead (``bias.json``, ``bias.png``):
 the median relative error of r_ein, theta_E, gamma and q over the mocks, which the CPU affords at
@@ -224,6 +226,10 @@ def main(argv=None):
                          "approximation at each MAP (minutes instead of hours at 256x256)")
     ap.add_argument("--samples", type=int, default=200,
                     help="HMC draws per chain; 0: MAP only, a bias study (bias.json, bias.png)")
+    ap.add_argument("--source-interpolation", choices=("bilinear", "cubic"), default="bilinear",
+                    help="how the fitted VAE stamp is read between its pixels (fit_lenses)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda: where every lens and chain of a chunk is fitted")
     ap.add_argument("--out", default="validation/output/coverage")
     args = ap.parse_args(argv)
     fit_source = args.fit_source or ("vae" if args.source == "galaxy" else args.source)
@@ -258,6 +264,7 @@ def main(argv=None):
                           encode_source=not args.no_source_start, finals=args.finals,
                           samples=args.samples, warmup=args.warmup, chains=args.chains,
                           sampler=args.sampler, source_correction=args.source_correction,
+                          source_interpolation=args.source_interpolation, device=args.device,
                           seed=seeds[0])
         record = lens_record if args.samples > 0 else map_record
         chunk = [record(m, f) for m, f in zip(mocks, fits)]

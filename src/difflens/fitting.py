@@ -441,8 +441,9 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
                flux_scale="auto", supersample=1, steps=1000, restarts=8, encode_source=True,
                finals=2, chunk=64, samples=0, warmup=300, chains=4, sampler="hmc", seed=0,
-               marginalise_amplitudes=False, source_correction=None, dtype=torch.float64,
-               device="cpu", progress=True) -> list:
+               marginalise_amplitudes=False, source_correction=None,
+               source_interpolation="bilinear", dtype=torch.float64, device="cpu",
+               progress=True) -> list:
     """MAP fits (and posteriors) of many observations at once, vectorised over lenses.
 
     The MAP is :func:`difflens.infer.fit_map_batch`; with ``samples > 0`` the posteriors follow
@@ -459,6 +460,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
         As in :func:`build_model` (``device="cuda"``: every lens and chain on one GPU).
     source_correction : float or PixelCorrection, optional
         As in :func:`build_model`.
+    source_interpolation : "bilinear" or "cubic"
+        How the VAE stamp is read between its pixels, as in :func:`build_model`.
     flux_scale : float or "auto"
         Centre of the amplitude priors, shared by all lenses; "auto" takes the median of
         :func:`data_flux_scale` over the observations.
@@ -514,7 +517,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     model = build_model(first, source=source, priors=priors, psf_sigma=psf_sigma,
                         lens_light=lens_light, flux_scale=flux_scale, supersample=supersample,
                         marginalise_amplitudes=marginalise_amplitudes,
-                        source_correction=source_correction, dtype=dtype, device=device)
+                        source_correction=source_correction,
+                        source_interpolation=source_interpolation, dtype=dtype, device=device)
     models = [model] + [model.with_data(o.image, o.noise_sigma, o.mask)
                         for o in observations[1:]]
     results = fit_map_batch(models, steps=steps, restarts=restarts, encode_source=encode_source,

@@ -108,6 +108,18 @@ def test_fit_lenses_needs_one_grid_and_psf():
         fit_lenses([a, c], source="sersic")
     with pytest.raises(ValueError, match="at least one"):
         fit_lenses([], source="sersic")
+    with pytest.raises(ValueError, match="interpolation"):
+        fit_lenses([a], source="sersic", source_interpolation="nearest")
+
+
+def test_fit_lenses_reads_every_stamp_with_the_interpolation_asked_for():
+    from difflens.datasets.mocks import simulate_mock
+    from difflens.fitting import fit_lenses
+
+    mocks = [simulate_mock(s, npix=24, pixel_scale=0.2, source="sersic") for s in (0, 1)]
+    fits = fit_lenses(mocks, source="sersic", steps=2, restarts=1, finals=1,
+                      encode_source=False, source_interpolation="cubic", progress=False)
+    assert [f.model.source_interpolation for f in fits] == ["cubic", "cubic"]
 
 
 def test_batched_posteriors_scale_with_each_lens_noise():
