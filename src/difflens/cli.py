@@ -127,7 +127,7 @@ def _cmd_fit(args):
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
-          (", posterior.nc, corner.png" if args.samples else "") +
+          (", posterior.nc, corner.png, trace.png" if args.samples else "") +
           (", coolest.json (+ FITS)" if args.coolest else ""))
 
 
@@ -154,7 +154,7 @@ def _cmd_demo(args):
                    device=args.device)
     fit.save(out)
     print(fit.table())
-    print(f"\nwrote {out}/summary.json, fit.png, posterior.nc, corner.png "
+    print(f"\nwrote {out}/summary.json, fit.png, posterior.nc, corner.png, trace.png "
           f"in {time.perf_counter() - t0:.0f} s")
 
 

@@ -265,7 +265,8 @@ class LensFit:
         return LensFit(self.observation, self.model, self.map, post)
 
     def save(self, out_dir, coolest=False) -> Path:
-        """Write summary.json, fit.png and (when sampled) posterior.nc and corner.png; with
+        """Write summary.json, fit.png and (when sampled) posterior.nc, corner.png and trace.png
+        (every chain's draws, :func:`difflens.plots.plot_trace`); with
         ``coolest=True`` also the COOLEST model (``coolest.json`` and its FITS files, see
         :mod:`difflens.coolest`).
 
@@ -279,7 +280,7 @@ class LensFit:
 
         from ._io import atomic_directory
         from .coolest import write_coolest_files
-        from .plots import plot_corner, plot_fit
+        from .plots import plot_corner, plot_fit, plot_trace
 
         with atomic_directory(out_dir) as tmp:
             (tmp / "summary.json").write_text(json.dumps(self.summary(), indent=1))
@@ -290,6 +291,9 @@ class LensFit:
                 self.posterior.idata.to_netcdf(str(tmp / "posterior.nc"))
                 fig = plot_corner(self.posterior, truths=self.observation.truth)
                 fig.savefig(tmp / "corner.png", dpi=90)
+                plt.close(fig)
+                fig = plot_trace(self.posterior)
+                fig.savefig(tmp / "trace.png", dpi=80)
                 plt.close(fig)
             if coolest:
                 write_coolest_files(self, tmp)

@@ -174,3 +174,52 @@ def plot_corner(posterior, names=("r_ein", "q", "phi", "gamma"), truths=None):
     return corner.corner(samples, labels=[labels.get(k, k) for k in names], truths=t,
                          quantiles=[0.16, 0.5, 0.84], show_titles=True, title_fmt=".4f",
                          plot_contours=len(samples) >= 300, plot_density=len(samples) >= 300)
+
+
+def plot_trace(posterior, names=("theta_E", "r_ein", "q", "phi", "gamma", "g1", "g2")):
+    """Trace of every chain, one row per parameter, with R-hat and bulk ESS in the titles.
+
+    The picture of mixing that R-hat summarises: chains that wander slowly, or sit in different
+    places, show it at a glance.  Left: each chain's draws against iteration (one colour per
+    chain).  Right: each chain's histogram; converged chains draw the same one.
+
+    Parameters
+    ----------
+    posterior : difflens.infer.Posterior
+    names : parameters to show (arcsec for ``theta_E``, ``r_ein``; radians for ``phi``); those
+        absent from the draws or held fixed (no spread) are left out.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> fig = plot_trace(fit.posterior)                          # doctest: +SKIP
+    >>> fig.savefig("trace.png")                                 # doctest: +SKIP
+    """
+    import arviz as az
+    import numpy as np
+
+    draws = posterior.idata.posterior
+    names = [k for k in names if k in draws and np.ptp(draws[k].values) > 0]
+    if not names:
+        raise ValueError("plot_trace: none of the parameters asked for was sampled (absent, "
+                         "or held fixed with no spread in the draws)")
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 1.7 * len(names) + 0.6),
+                             gridspec_kw=dict(width_ratios=(4, 1)), squeeze=False,
+                             constrained_layout=True)
+    for (left, right), k in zip(axes, names):
+        x = draws[k].values                                        # (chains, draws)
+        bins = np.linspace(x.min(), x.max(), 31)
+        for c, chain in enumerate(x):
+            left.plot(chain, lw=0.5, color=f"C{c % 10}")
+            right.hist(chain, bins=bins, histtype="step", color=f"C{c % 10}",
+                       orientation="horizontal")
+        rhat = f"{float(az.rhat(x)):.3f}" if x.shape[0] > 1 else "n/a (one chain)"
+        left.set_title(f"{k}: mean {x.mean():.4g} +- {x.std():.2g}, R-hat {rhat}, "
+                       f"bulk ESS {float(az.ess(x)):.0f} of {x.size}", fontsize=9, loc="left")
+        left.set_xlim(0, x.shape[1] - 1)
+        right.set_yticks([])
+    axes[-1, 0].set_xlabel("draw (after warm-up)")
+    return fig

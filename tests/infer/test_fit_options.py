@@ -153,7 +153,7 @@ def test_a_slope_held_fixed_fits_samples_and_plots(tmp_path):
     corner plot leaves it out instead of failing on a parameter with no spread."""
     from difflens.datasets.mocks import simulate_mock
     from difflens.fitting import fit_lens
-    from difflens.plots import plot_corner
+    from difflens.plots import plot_corner, plot_trace
 
     obs = simulate_mock(6, noise_sigma=0.05, npix=32, pixel_scale=0.2, source="sersic")
     priors = Priors.default("sersic")
@@ -165,7 +165,15 @@ def test_a_slope_held_fixed_fits_samples_and_plots(tmp_path):
     fig = plot_corner(fit.posterior)
     labels = [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()]
     assert not any("gamma" in s for s in labels) and any("r_" in s for s in labels)
+    fig = plot_trace(fit.posterior)
+    titles = [ax.get_title(loc="left") for ax in fig.axes if ax.get_title(loc="left")]
+    assert titles and all("R-hat" in t for t in titles)
+    assert not any(t.startswith("gamma") for t in titles) and any(t.startswith("r_ein")
+                                                                  for t in titles)
+    assert len(fig.axes[0].lines) == d["r_ein"].shape[0]    # one trace per chain
     fit.save(tmp_path / "out")
-    assert (tmp_path / "out" / "corner.png").exists()
+    assert (tmp_path / "out" / "corner.png").exists() and (tmp_path / "out" / "trace.png").exists()
     with pytest.raises(ValueError, match="held fixed"):
         plot_corner(fit.posterior, names=("gamma",))
+    with pytest.raises(ValueError, match="held fixed"):
+        plot_trace(fit.posterior, names=("gamma",))
