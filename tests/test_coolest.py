@@ -74,7 +74,7 @@ def _known_fit(sd=0.02, chains=2, draws=300):
                        normalised_residuals=zero, source_image=None, reduced_chi2=1.01,
                        log_posterior=0.0)
     post = {k: float(v) + sd * rng.standard_normal((chains, draws)) for k, v in sites.items()}
-    posterior = _posterior_from_draws(model, sites, post, chains)
+    posterior = _posterior_from_draws(model, sites, post)
     return LensFit(obs, model, result, posterior), post
 
 

@@ -177,3 +177,56 @@ def test_a_slope_held_fixed_fits_samples_and_plots(tmp_path):
         plot_corner(fit.posterior, names=("gamma",))
     with pytest.raises(ValueError, match="held fixed"):
         plot_trace(fit.posterior, names=("gamma",))
+
+
+def _idata(means, draws=400, seed=0):
+    """Independent unit-normal draws around each chain's mean: every parameter
+    combine_posteriors summarises (theta_E, r_ein, q, phi, gamma, centre, shear)."""
+    import arviz as az
+
+    from difflens.infer.mcmc import SUMMARISED
+
+    rng = np.random.default_rng(seed)
+    means = np.asarray(means, dtype=float)[:, None]
+    return az.from_dict(posterior={k: means + rng.standard_normal((len(means), draws))
+                                   for k in SUMMARISED})
+
+
+def test_combined_runs_show_chains_that_disagree(tmp_path):
+    """R-hat over the chains of two runs: about 1 when both sample one distribution, large when
+    the second run's chains sit elsewhere -- which neither run alone can show."""
+    import warnings
+
+    from difflens.infer import combine_posteriors
+
+    a, b, far = _idata([0, 0]), _idata([0, 0], seed=1), _idata([3, 3], seed=2)
+    b.to_netcdf(str(tmp_path / "b.nc"))
+    same = combine_posteriors([a, tmp_path / "b.nc"])          # an InferenceData and a file
+    assert same.idata.posterior.sizes["chain"] == 4 and same.rhat["gamma"] < 1.01
+    with pytest.warns(RuntimeWarning, match="poor convergence"):
+        apart = combine_posteriors([a, far])
+    assert apart.rhat["gamma"] > 1.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # each run alone looks fine
+        for run in (a, far):
+            assert combine_posteriors([run]).rhat["gamma"] < 1.01
+    # runs of different lengths: the last N draws of every chain
+    short = _idata([0], draws=100, seed=3)
+    with pytest.raises(ValueError, match="draws=N"):
+        combine_posteriors([a, short])
+    tail = combine_posteriors([a, short], draws=100)
+    got = tail.idata.posterior["gamma"].values
+    assert got.shape == (3, 100)
+    assert np.array_equal(got[0], a.posterior["gamma"].values[0, -100:])
+    with pytest.raises(ValueError, match="draws must"):
+        combine_posteriors([a, short], draws=101)
+    import arviz as az
+
+    with pytest.raises(ValueError, match="same model"):
+        combine_posteriors([a, az.InferenceData(posterior=a.posterior.drop_vars("g1"))])
+    with pytest.raises(ValueError, match="posterior 1 must be"):
+        combine_posteriors([a, {"gamma": 1}])
+    with pytest.raises(ValueError, match="does not exist"):
+        combine_posteriors([a, tmp_path / "missing.nc"])
+    with pytest.raises(ValueError, match="at least one"):
+        combine_posteriors([])

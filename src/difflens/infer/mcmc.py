@@ -294,7 +294,7 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
     sites = space.constrained(flat0 + u.reshape(-1, d) @ factor.T)
     posterior = {n: v.detach().cpu().numpy().reshape(chains, num_samples, *v.shape[1:])
                  for n, v in sites.items()}
-    return _posterior_from_draws(model, init, posterior, chains, seed)
+    return _posterior_from_draws(model, init, posterior, seed)
 
 
 def sample_laplace(model: LensModel, init: dict, *, num_samples=2000, seed=0,
@@ -385,7 +385,7 @@ def sample_laplace(model: LensModel, init: dict, *, num_samples=2000, seed=0,
         sites = space.constrained(draws)
     posterior = {n: v.detach().cpu().numpy().reshape(1, num_samples, *v.shape[1:])
                  for n, v in sites.items() if n != "src_correction"}
-    return _posterior_from_draws(model, init, posterior, 1, seed)
+    return _posterior_from_draws(model, init, posterior, seed)
 
 
 
@@ -533,25 +533,25 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
     for i, (m, init) in enumerate(zip(models, inits)):
         posterior = {n: v.reshape(n_lens, chains, num_samples, *v.shape[1:])[i]
                      .detach().cpu().numpy() for n, v in sites.items()}
-        out.append(_posterior_from_draws(m, init, posterior, chains, seed + i))
+        out.append(_posterior_from_draws(m, init, posterior, seed + i))
         out[-1].seconds = dict(stats["seconds"])
     return out
 
 
-def read_pilot(pilot):
-    """A pilot run (:func:`pilot_whitening`) as an InferenceData held in memory: a ``Posterior``
-    or InferenceData as it is, a ``posterior.nc`` path read with ArviZ and loaded at once (so
-    the file may be replaced afterwards)."""
+def read_pilot(pilot, what="pilot"):
+    """A posterior run (a pilot, :func:`pilot_whitening`) as an InferenceData held in memory: a
+    ``Posterior`` or InferenceData as it is, a ``posterior.nc`` path read with ArviZ and loaded
+    at once (so the file may be replaced afterwards).  ``what`` names it in errors."""
     if isinstance(pilot, (str, Path)):
         import arviz as az
 
         if not Path(pilot).is_file():
-            raise ValueError(f"pilot posterior {pilot} does not exist")
+            raise ValueError(f"{what} posterior {pilot} does not exist")
         pilot = az.from_netcdf(str(pilot))
         pilot.posterior.load()
     idata = getattr(pilot, "idata", pilot)
     if not hasattr(idata, "posterior"):
-        raise ValueError(f"pilot must be a Posterior, an arviz InferenceData or a posterior.nc "
+        raise ValueError(f"{what} must be a Posterior, an arviz InferenceData or a posterior.nc "
                          f"path, got {type(pilot).__name__}")
     return idata
 
@@ -784,7 +784,7 @@ def amplitude_draws(model: LensModel, posterior: dict, seed=0, chunk=32) -> dict
     return {name: out[..., k] for k, name in enumerate(names)}
 
 
-def _posterior_from_draws(model, init, posterior, chains, seed=0) -> Posterior:
+def _posterior_from_draws(model, init, posterior, seed=0) -> Posterior:
     """Add fixed and derived parameters (q, phi, theta_E; amplitudes integrated out), compute R-hat / ESS, warn if poor."""
     import arviz as az
 
@@ -805,18 +805,87 @@ def _posterior_from_draws(model, init, posterior, chains, seed=0) -> Posterior:
         posterior["r_ein"] = posterior["theta_E"] / np.sqrt(posterior["q"])
     else:
         posterior["theta_E"] = np.sqrt(posterior["q"]) * posterior["r_ein"]
-    idata = az.from_dict(posterior=posterior)
+    return _diagnosed(az.from_dict(posterior=posterior), stacklevel=4)
+
+
+def _diagnosed(idata, stacklevel=3) -> Posterior:
+    """A :class:`Posterior` of ``idata`` with R-hat and bulk ESS of every lens parameter and
+    theta_E (NaN for a parameter held fixed, and R-hat for a single chain), warning where
+    R-hat > 1.01 or ESS < 100."""
+    import arviz as az
+
     rhat, ess = {}, {}
     for k in SUMMARISED:
-        x = posterior[k]
+        x = np.asarray(idata.posterior[k].values)
         if np.ptp(x) == 0:                         # a fixed parameter
             rhat[k], ess[k] = float("nan"), float("nan")
             continue
-        rhat[k] = float(az.rhat(x)) if chains > 1 else float("nan")
+        rhat[k] = float(az.rhat(x)) if x.shape[0] > 1 else float("nan")
         ess[k] = float(az.ess(x))
-    bad = [k for k in SUMMARISED if (chains > 1 and rhat[k] > 1.01) or ess[k] < 100]
+    bad = [k for k in SUMMARISED if rhat[k] > 1.01 or ess[k] < 100]   # NaN compares False
     if bad:
         warnings.warn("poor convergence for " + ", ".join(
             f"{k} (R-hat {rhat[k]:.3f}, ESS {ess[k]:.0f})" for k in bad)
-            + "; run longer chains or more warmup", RuntimeWarning, stacklevel=3)
+            + "; run longer chains or more warmup", RuntimeWarning, stacklevel=stacklevel)
     return Posterior(idata=idata, rhat=rhat, ess=ess)
+
+
+def combine_posteriors(posteriors, draws=None) -> Posterior:
+    """Chains of several runs of one posterior joined into one, with R-hat and ESS over all.
+
+    For runs of the same model and data with other seeds (other starting points), or a run
+    resumed under another name: R-hat over every chain of every run is the check that they
+    found the same posterior.  The chains are joined as they are (no re-weighting); runs
+    whose lens light was held at different MAPs sample slightly different posteriors.
+
+    Parameters
+    ----------
+    posteriors : sequence of Posterior, arviz.InferenceData or str / Path of ``posterior.nc``
+        At least one run; each must hold the same parameters with the same shapes per draw.
+    draws : int, optional
+        Keep the last ``draws`` draws of every chain (the later, better mixed part): needed
+        when the runs have different lengths.  Default: all draws (lengths must agree).
+
+    Returns
+    -------
+    Posterior
+        Chains in the order given; ``seconds`` summed over the runs that report it.
+
+    Examples
+    --------
+    >>> joined = combine_posteriors(["run_seed1/posterior.nc", "run_seed2/posterior.nc"],
+    ...                             draws=1000)                           # doctest: +SKIP
+    >>> joined.rhat["theta_E"], joined.summary()["theta_E"]["sd"]         # doctest: +SKIP
+    """
+    import arviz as az
+
+    runs = [read_pilot(p, f"posterior {i}") for i, p in enumerate(posteriors)]
+    if not runs:
+        raise ValueError("combine_posteriors needs at least one posterior")
+    names = sorted(runs[0].posterior.data_vars)
+    for i, run in enumerate(runs[1:], 1):
+        other = sorted(run.posterior.data_vars)
+        if other != names:
+            raise ValueError(f"posterior {i} holds {other}, posterior 0 {names}: combine runs "
+                             "of the same model")
+        for k in names:
+            if run.posterior[k].shape[2:] != runs[0].posterior[k].shape[2:]:
+                raise ValueError(f"posterior {i}'s {k!r} has shape {run.posterior[k].shape[2:]} "
+                                 f"per draw, posterior 0's {runs[0].posterior[k].shape[2:]}")
+    lengths = [run.posterior.sizes["draw"] for run in runs]
+    if draws is None:
+        if len(set(lengths)) > 1:
+            raise ValueError(f"the runs have {lengths} draws per chain: pass draws=N to keep the "
+                             "last N of every chain")
+        draws = lengths[0]
+    if not 1 <= draws <= min(lengths):
+        raise ValueError(f"draws must lie in [1, {min(lengths)}] (the shortest run), got {draws}")
+    joined = {k: np.concatenate([np.asarray(run.posterior[k].values)[:, -draws:]
+                                 for run in runs]) for k in names}
+    post = _diagnosed(az.from_dict(posterior=joined))
+    seconds = {}
+    for p in posteriors:
+        for k, v in getattr(p, "seconds", {}).items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    post.seconds = seconds
+    return post
