@@ -216,9 +216,14 @@ def plot_trace(posterior, names=("theta_E", "r_ein", "q", "phi", "gamma", "g1", 
             left.plot(chain, lw=0.5, color=f"C{c % 10}")
             right.hist(chain, bins=bins, histtype="step", color=f"C{c % 10}",
                        orientation="horizontal")
-        rhat = f"{float(az.rhat(x)):.3f}" if x.shape[0] > 1 else "n/a (one chain)"
+        # the sampler's diagnostics where it computed them (lens parameters), else here
+        if k in posterior.rhat:
+            rhat, ess = posterior.rhat[k], posterior.ess[k]
+        else:
+            rhat, ess = (float(az.rhat(x)) if x.shape[0] > 1 else None), float(az.ess(x))
+        rhat = "n/a (one chain)" if x.shape[0] == 1 else f"{rhat:.3f}"
         left.set_title(f"{k}: mean {x.mean():.4g} +- {x.std():.2g}, R-hat {rhat}, "
-                       f"bulk ESS {float(az.ess(x)):.0f} of {x.size}", fontsize=9, loc="left")
+                       f"bulk ESS {ess:.0f} of {x.size}", fontsize=9, loc="left")
         left.set_xlim(0, x.shape[1] - 1)
         right.set_yticks([])
     axes[-1, 0].set_xlabel("draw (after warm-up)")

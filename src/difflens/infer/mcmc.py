@@ -849,7 +849,7 @@ def combine_posteriors(posteriors, draws=None) -> Posterior:
     Returns
     -------
     Posterior
-        Chains in the order given; ``seconds`` summed over the runs that report it.
+        Chains in the order given (no ``seconds``: runs may have run side by side).
 
     Examples
     --------
@@ -882,10 +882,4 @@ def combine_posteriors(posteriors, draws=None) -> Posterior:
         raise ValueError(f"draws must lie in [1, {min(lengths)}] (the shortest run), got {draws}")
     joined = {k: np.concatenate([np.asarray(run.posterior[k].values)[:, -draws:]
                                  for run in runs]) for k in names}
-    post = _diagnosed(az.from_dict(posterior=joined))
-    seconds = {}
-    for p in posteriors:
-        for k, v in getattr(p, "seconds", {}).items():
-            seconds[k] = seconds.get(k, 0.0) + v
-    post.seconds = seconds
-    return post
+    return _diagnosed(az.from_dict(posterior=joined))
