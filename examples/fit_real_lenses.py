@@ -15,7 +15,8 @@ source), ``corner.png``, ``trace.png`` (every chain's draws), ``posterior.nc`` a
 model (``coolest.json`` + FITS files, pixel frame) under ``--out/NAME`` and prints reduced chi^2 and r_ein / theta_E with posterior sd.
 The HMC state is checkpointed to ``--out/NAME.hmc-checkpoint.pt``: rerun the same command to
 resume an interrupted run, or with a larger ``--samples`` to extend chains that have not
-converged (the draws are those of one longer run).
+converged (the draws are those of one longer run), or with a smaller one (at least the draws
+the checkpoint holds) to end an interrupted run early with the draws it has.
 
 Coordinates are the pixel frame (x along columns, y along rows, arcsec from the cutout centre), not
 RA/Dec: position angles are mirrored with respect to the sky for these images.

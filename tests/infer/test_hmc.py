@@ -171,7 +171,8 @@ def test_hmc_resumes_from_a_checkpoint_with_the_same_draws(tmp_path):
 
 def test_hmc_extends_a_finished_run_with_the_draws_of_a_longer_one(tmp_path):
     """Asking a finished run's checkpoint for more draws continues its chains: the result is
-    exactly one uninterrupted run of the larger size; asking for fewer is refused."""
+    exactly one uninterrupted run of the larger size; an interrupted run is ended early with
+    the draws it holds; asking for fewer than it holds is refused."""
     prec = torch.tensor([[3.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
 
     def potential(u):
@@ -189,6 +190,26 @@ def test_hmc_extends_a_finished_run_with_the_draws_of_a_longer_one(tmp_path):
     assert torch.load(path, weights_only=False)["settings"]["num_samples"] == 45
     with pytest.raises(ValueError, match="45 draws"):
         hmc(potential, u0, num_samples=30, checkpoint=path, **kw)
+    # an interrupted run of 45 draws, ended early with the draws it holds (or a few more)
+    calls = {"n": 0}
+
+    def interrupted(u):
+        calls["n"] += 1
+        if calls["n"] > 300:                     # well into the draws (366 calls in all)
+            raise KeyboardInterrupt
+        return potential(u)
+
+    cut = tmp_path / "cut.pt"
+    with pytest.raises(KeyboardInterrupt):
+        hmc(interrupted, u0, num_samples=45, checkpoint=cut, checkpoint_every=5, **kw)
+    held = len(torch.load(cut, weights_only=False)["draws"])
+    assert 0 < held < 45
+    with pytest.raises(ValueError, match=f"holds {held} draws"):
+        hmc(potential, u0, num_samples=held - 1, checkpoint=cut, **kw)
+    ended, _ = hmc(potential, u0, num_samples=held, checkpoint=cut, **kw)
+    assert torch.equal(ended, longer[:, :held])
+    more, _ = hmc(potential, u0, num_samples=held + 3, checkpoint=cut, **kw)
+    assert torch.equal(more, longer[:, :held + 3])
     state = torch.load(path, weights_only=False)
     del state["settings"]["num_samples"]              # a file that does not say how many it holds
     torch.save(state, path)

@@ -276,8 +276,10 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         A finished (or interrupted) run is *extended* by calling again with a larger
         ``num_samples`` and everything else the same: the chains continue where they stopped,
         and the draws are exactly those of one uninterrupted run of the larger size (warm-up
-        does not depend on ``num_samples``).  Asking for fewer draws than the file holds
-        raises ``ValueError``.
+        does not depend on ``num_samples``).  Likewise an interrupted long run is *ended early*
+        by asking for fewer draws than it was started with but at least as many as the file
+        holds: it continues to that number (or stops at once) and returns those draws.  Asking
+        for fewer draws than the file holds raises ``ValueError``.
     checkpoint_every : int
         Iterations between checkpoint writes.
 
@@ -472,12 +474,14 @@ def _load_checkpoint(path, settings, device):
         return torch.allclose(a, b, rtol=1e-6, atol=1e-9) if b.is_floating_point() else \
             torch.equal(a, b)
 
-    # more draws than the file was written for extend its chains (the kernel after warm-up does
-    # not depend on num_samples); fewer would silently drop draws it already holds
-    if saved.get("num_samples", 0) > settings["num_samples"]:
-        raise ValueError(f"HMC checkpoint {path} holds a run of {saved['num_samples']} draws per "
-                         f"chain, more than the {settings['num_samples']} asked for; ask for at "
-                         "least as many (or delete it to start afresh)")
+    # any number of draws from those already made on is one run of that size (the kernel after
+    # warm-up does not depend on num_samples): more extend the chains, fewer than the file was
+    # written for end an interrupted run early; fewer than it holds would drop draws
+    made = len(state.get("draws", ()))
+    if made > settings["num_samples"]:
+        raise ValueError(f"HMC checkpoint {path} holds {made} draws per chain already, more than "
+                         f"the {settings['num_samples']} asked for; ask for at least {made} (or "
+                         "delete it to start afresh)")
     differ = [k for k, val in settings.items() if k not in saved
               or (k != "num_samples" and not same(saved[k], val))]
     if differ:
