@@ -111,7 +111,8 @@ def draw_lens(seed: int, priors: Priors | None = None, min_r_ein=0.8, max_r_ein=
 
 
 def make_mock(source_stamp, *, lens: dict, noise_sigma=0.1, s=None, amp=1.0, src_x0=0.0,
-              src_y0=0.0, npix=256, pixel_scale=0.04, psf_sigma=0.05, seed=0):
+              src_y0=0.0, npix=256, pixel_scale=0.04, psf_sigma=0.05, seed=0,
+              source_interpolation="bilinear"):
     """Simulate an observation of a stamp lensed by ``lens``.
 
     Parameters
@@ -124,6 +125,9 @@ def make_mock(source_stamp, *, lens: dict, noise_sigma=0.1, s=None, amp=1.0, src
         Pixel noise; the paper's 0.333 / 0.1 / 0.0333.
     s : float, optional
         Stamp half-width, arcsec; default fills the central third of the field (field / 6).
+    source_interpolation : "bilinear" or "cubic"
+        How the stamp is read between its pixels (:class:`difflens.sources.PixelSource`):
+        "cubic" draws the smooth galaxy through the stamp's pixel values.
 
     Returns
     -------
@@ -142,7 +146,8 @@ def make_mock(source_stamp, *, lens: dict, noise_sigma=0.1, s=None, amp=1.0, src
     s = s if s is not None else npix * pixel_scale / 6.0
     stamp = torch.as_tensor(np.asarray(source_stamp), dtype=torch.float64)
     lens_t = {k: lens[k] for k in LENS_PARAMS}
-    clean = sim.image(lens_t, PixelSource(stamp, x0=src_x0, y0=src_y0, s=s, amp=amp))
+    clean = sim.image(lens_t, PixelSource(stamp, x0=src_x0, y0=src_y0, s=s, amp=amp,
+                                          interpolation=source_interpolation))
     noisy = add_noise(clean, noise_sigma, generator=torch.Generator().manual_seed(seed))
     sn = float(signal_to_noise(noisy, noise_sigma, pixel_scale))
     truth = dict(lens_t, src_x0=src_x0, src_y0=src_y0, src_s=s, src_amp=amp, snr=sn,
@@ -212,7 +217,8 @@ def galaxy_stamp(galaxies, seed):
 
 
 def simulate_mock(seed=0, *, noise_sigma=0.1, npix=256, pixel_scale=0.04, psf_sigma=0.05,
-                  source="vae", vae=None, galaxies=None) -> Observation:
+                  source="vae", vae=None, galaxies=None,
+                  source_interpolation="bilinear") -> Observation:
     """A complete mock: lens from the default priors, source a VAE decode, a real galaxy or a
     Sersic stamp.
 
@@ -236,6 +242,8 @@ def simulate_mock(seed=0, *, noise_sigma=0.1, npix=256, pixel_scale=0.04, psf_si
         Defaults to the shipped one.
     galaxies : ndarray (N, 64, 64), optional
         Source stamps for ``source="galaxy"`` (peak ~1, noise-free).
+    source_interpolation : "bilinear" or "cubic"
+        How the source stamp is read between its pixels (:func:`make_mock`).
 
     Examples
     --------
@@ -272,7 +280,8 @@ def simulate_mock(seed=0, *, noise_sigma=0.1, npix=256, pixel_scale=0.04, psf_si
     else:
         raise ValueError(f"source must be 'vae', 'galaxy' or 'sersic', got {source!r}")
     obs, _ = make_mock(stamp, lens=lens, noise_sigma=noise_sigma, s=field / 6.0, npix=npix,
-                       pixel_scale=pixel_scale, psf_sigma=psf_sigma, seed=seed)
+                       pixel_scale=pixel_scale, psf_sigma=psf_sigma, seed=seed,
+                       source_interpolation=source_interpolation)
     obs.truth.update(e1=lens["e1"], e2=lens["e2"])
     if source == "galaxy":
         obs.truth.update(galaxy=int(index), rotation_deg=rotation)
