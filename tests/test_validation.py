@@ -256,7 +256,8 @@ def test_oracle_source_main_reads_vae_dir_and_records_failed_fits(tmp_path, monk
         seed, npix=32, pixel_scale=0.16, **kw))
     seen = []
 
-    def fit(obs, stamp):
+    def fit(obs, stamp, interpolation):
+        assert interpolation == "bilinear"           # the fit's default reading of the stamp
         seen.append(stamp)
         if len(seen) == 1:
             raise ValueError("gamma left its domain")
@@ -277,6 +278,7 @@ def test_oracle_source_main_reads_vae_dir_and_records_failed_fits(tmp_path, monk
     assert lines[1]["seed"] == 1 and "failed" not in lines[1]
     assert lines[1]["r_ein"]["error_percent"] == pytest.approx(1.0)
     assert lines[1]["r_ein"]["z"] == pytest.approx(1.0)
+    assert lines[1]["interpolation"] == "bilinear -> bilinear"
     # the template is the tiny VAE's drawing (peak 1), not the blob itself
     assert float(seen[1].max()) == pytest.approx(1.0)
     assert lines[1]["template_residual"] > 0.05
