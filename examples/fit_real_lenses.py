@@ -12,7 +12,8 @@ shipped VAE), first MAP (data-driven initialiser, restarts; saved at once) and t
 and source with the lens light held at its MAP.
 For each lens the script writes ``summary.json``, ``fit.png`` (data, model, normalised residual,
 source), ``corner.png``, ``trace.png`` (every chain's draws), ``posterior.nc`` and the COOLEST
-model (``coolest.json`` + FITS files, pixel frame) under ``--out/NAME`` and prints reduced chi^2 and r_ein / theta_E with posterior sd.
+model (``coolest.json`` + FITS files, pixel frame) under ``--out/NAME`` and prints reduced chi^2
+and r_ein / theta_E with posterior sd.
 The HMC state is checkpointed to ``--out/NAME.hmc-checkpoint.pt``: rerun the same command to
 resume an interrupted run, or with a larger ``--samples`` to extend chains that have not
 converged (the draws are those of one longer run), or with a smaller one (at least the draws
