@@ -73,6 +73,12 @@ class AdaptiveInversion:
     mask_radius : float
         Radius (arcsec) of the circular mask about the image centre: the pixels that enter the
         likelihood and seed the source grid.
+    basis : "delaunay" or "patch"
+        The source between the centres (``--basis``).
+    reach : float
+        A patch's image-plane radius in sub-grid steps (``basis="patch"`` only).
+    offset : (int, int), optional
+        Row and column of the sub-grid's first pixel (default ``step // 2`` for both).
     """
 
     def __init__(self, obs, step=4, mask_radius=3.2, basis="delaunay", reach=1.5, offset=None):
@@ -92,8 +98,8 @@ class AdaptiveInversion:
         inside = (torch.hypot(xi, yi) <= mask_radius).numpy()
         self.mask = inside.ravel()
         # the padded pixels the PSF carries into the unmasked ones
-        reach = mask_radius + (p + 1) * obs.pixel_scale * math.sqrt(2.0)
-        self.rows = np.flatnonzero((torch.hypot(x, y) <= reach).numpy().ravel())
+        margin = mask_radius + (p + 1) * obs.pixel_scale * math.sqrt(2.0)
+        self.rows = np.flatnonzero((torch.hypot(x, y) <= margin).numpy().ravel())
         self.x, self.y = x.reshape(-1)[self.rows], y.reshape(-1)[self.rows]
         sub = np.zeros_like(inside)
         oy, ox = (step // 2, step // 2) if offset is None else offset
