@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "validation" / "coverage.py"
 
@@ -348,3 +349,31 @@ def test_adaptive_surface_search_finds_a_noisy_gaussian_peak():
     assert found is not None
     assert np.all(np.abs(centre - peak) < 0.3 * sd)
     assert np.allclose(np.sqrt(np.diag(found)), sd, rtol=0.3)
+
+
+def test_adaptive_grid_reproduces_a_linear_source_exactly():
+    """Barycentric interpolation on the traced centres' triangulation is exact for a source
+    linear in the source-plane position: with no PSF, B s equals that plane at every traced
+    pixel inside the triangulation, and pixels outside it see no source."""
+    from difflens.datasets.mocks import simulate_mock
+    from scipy.spatial import Delaunay
+
+    adaptive = _adaptive_script()
+    obs = simulate_mock(3, noise_sigma=0.1, npix=40, pixel_scale=0.1, source="sersic",
+                        psf_sigma=None)
+    lens = {k: float(obs.truth[k]) for k in ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1",
+                                              "g2")}
+    inv = adaptive.AdaptiveInversion(obs, step=3, mask_radius=1.9)
+    B, _, _ = inv.matrices(lens)
+    lens_t = {k: torch.tensor(v, dtype=torch.float64) for k, v in lens.items()}
+    centres = inv._trace(inv.cx, inv.cy, lens_t)
+    plane = lambda p: 0.3 + 1.7 * p[:, 0] - 0.9 * p[:, 1]         # noqa: E731
+    traced = inv._trace(inv.x, inv.y, lens_t)
+    # with a 1 x 1 PSF there is no padding: B's rows are the unmasked pixels themselves
+    pixel = {r: i for i, r in enumerate(inv.rows)}
+    rows = [pixel[k] for k in np.flatnonzero(inv.mask)]
+    inside = Delaunay(centres).find_simplex(traced[rows]) >= 0
+    got = B @ plane(centres)
+    assert inside.sum() > 100 and (~inside).sum() > 0
+    assert np.allclose(got[inside], plane(traced[rows])[inside], atol=1e-10)
+    assert np.all(got[~inside] == 0.0)
