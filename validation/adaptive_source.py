@@ -22,22 +22,23 @@ pixels, ``F = B^T N^-1 B``, ``C = F + lambda H``, ``s = C^-1 B^T N^-1 d``,
     log p(d | lens, lambda) = -1/2 chi^2(s) - lambda/2 s^T H s - 1/2 log det C
                               + 1/2 log det (lambda H) - 1/2 sum log(2 pi sigma_i^2),
 
-maximised over ``lambda`` at every lens.  The lens (r_ein, e1, e2, gamma, centre, shear; the
-mock's noise and PSF known) is then moved from the truth (or, with ``--start``, from the
-blind VAE fit of a ``validation/coverage.py`` record file) to the nearest maximum of that
-evidence by Nelder-Mead, restarted from its best point until a round gains < 0.5 nats (the
-triangulation changes with the lens, so the evidence is not smooth enough for gradients).  Each mock is the one of sections 3-3h for that seed (256 x
-256 at 0.04", PSF 0.05", noise 0.1, apodised held-out galaxy).  One JSON line per seed:
-errors (%) of r_ein, gamma, q and theta_E at the maximum, the evidence at the truth and at the
-maximum and its terms (chi^2, Occam, regularisation), with ``--line`` also the evidence along
-the straight line from the truth (t = 0) to section 3g's pixelated-source maximum (t = 1).
-``--start-line`` skips the search: the evidence along the line from the ``--start`` lens (t = 0)
-to the truth (t = 1) and where a parabola through it peaks.  ``--offsets 4`` averages the log
-evidence over four grids whose sub-grids are shifted by whole pixels (the triangulation makes
-the evidence jump by ~1-2 nats as the lens moves).  ``--laplace`` / ``--laplace-at`` add a
-finite-difference Hessian at the maximum (spoilt by those jumps; section 3m).  Findings:
-docs/validation.md, section 3m.  An experiment, not library code: it imports one private helper of
-:mod:`difflens.infer.evidence` (the PSF as a sparse matrix).
+maximised over ``lambda`` at every lens. The lens (r_ein, e1, e2, gamma, centre, shear; the
+mock's noise and PSF known) is then moved from the truth (or, with ``--start``, from the blind
+VAE fit of a ``validation/coverage.py`` record file) to the nearest maximum of that evidence by
+Nelder-Mead, restarted from its best point until a round gains < 0.5 nats (the triangulation
+changes with the lens, so the evidence is not smooth enough for gradients). Each mock is the
+one of sections 3-3h for that seed (256 x 256 at 0.04", PSF 0.05", noise 0.1, apodised held-out
+galaxy). One JSON line per seed: errors (%) of r_ein, gamma, q and theta_E at the maximum, the
+evidence at the truth and at the maximum and its terms (chi^2, Occam, regularisation), with
+``--line`` also the evidence along the straight line from the truth (t = 0) to section 3g's
+pixelated-source maximum (t = 1). ``--start-line`` skips the search: the evidence along the
+line from the ``--start`` lens (t = 0) to the truth (t = 1) and where a parabola through it
+peaks. ``--offsets 4`` averages the log evidence over four grids whose sub-grids are shifted by
+whole pixels (the triangulation makes the evidence jump by ~1-2 nats as the lens moves).
+``--laplace`` / ``--laplace-at`` add a finite-difference Hessian at the maximum (spoilt by
+those jumps; section 3m). Findings: docs/validation.md, section 3m. An experiment, not library
+code: it imports one private helper of :mod:`difflens.infer.evidence` (the PSF as a sparse
+matrix).
 """
 import argparse
 import json
@@ -57,6 +58,7 @@ from difflens.model import ellipticity_to_q_phi, q_phi_to_ellipticity
 from difflens.simulate import Simulator, ray_trace
 
 FREE = ("r_ein", "e1", "e2", "gamma", "x0", "y0", "g1", "g2")
+LENS = ("r_ein", "q", "phi", "gamma", "x0", "y0", "g1", "g2")
 STEPS = np.array([0.02, 0.02, 0.02, 0.02, 0.01, 0.01, 0.005, 0.005])   # initial simplex
 
 
@@ -160,8 +162,10 @@ class AdaptiveInversion:
         profile ``(1 - rho)^4 (4 rho + 1)``; white prior on the coefficients.  Smooth in the lens,
         so the evidence is too."""
         c = self._trace(self.cx, self.cy, lens)
-        ax = (self._trace(self.cx + delta, self.cy, lens) - self._trace(self.cx - delta, self.cy, lens)) / (2 * delta)
-        ay = (self._trace(self.cx, self.cy + delta, lens) - self._trace(self.cx, self.cy - delta, lens)) / (2 * delta)
+        ax = (self._trace(self.cx + delta, self.cy, lens)
+              - self._trace(self.cx - delta, self.cy, lens)) / (2 * delta)
+        ay = (self._trace(self.cx, self.cy + delta, lens)
+              - self._trace(self.cx, self.cy - delta, lens)) / (2 * delta)
         A = np.stack([ax, ay], axis=2)                         # (n, 2 [beta], 2 [theta])
         U, S, _ = np.linalg.svd(A)
         S = np.maximum(S, floor)
@@ -353,7 +357,8 @@ def laplace(inv, best, truth):
         for j in range(i):
             e_j = np.eye(n)[j] * h[j]
             hess[i, j] = hess[j, i] = (f(best + e_i + e_j) - f(best + e_i - e_j)
-                                       - f(best - e_i + e_j) + f(best - e_i - e_j)) / (4 * h[i] * h[j])
+                                       - f(best - e_i + e_j)
+                                       + f(best - e_i - e_j)) / (4 * h[i] * h[j])
     if np.any(np.linalg.eigvalsh(-hess) <= 0):
         return None
     return gaussian_record(best, np.linalg.inv(-hess), truth)
@@ -399,10 +404,7 @@ def main(argv=None):
     starts = {}
     if args.start:
         with open(args.start) as fh:
-            starts = {r["seed"]: {k: r["params"][k]["map"] for k in ("r_ein", "q", "phi",
-                                                                     "gamma", "x0", "y0", "g1",
-                                                                     "g2")}
-                      for r in json.load(fh)}
+            starts = {r["seed"]: {k: r["params"][k]["map"] for k in LENS} for r in json.load(fh)}
     done = {}
     if args.laplace_at:
         with open(args.laplace_at) as fh:
@@ -416,8 +418,7 @@ def main(argv=None):
         t0 = time.time()
         obs = simulate_mock(seed, noise_sigma=args.noise_sigma, source="galaxy",
                             galaxies=galaxies)
-        truth = {k: float(obs.truth[k]) for k in ("r_ein", "q", "phi", "gamma", "x0", "y0",
-                                                   "g1", "g2")}
+        truth = {k: float(obs.truth[k]) for k in LENS}
         kw = dict(step=args.step, mask_radius=args.mask_radius, basis=args.basis,
                   reach=args.reach)
         if args.offsets > 1:
