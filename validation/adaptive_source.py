@@ -419,6 +419,8 @@ def main(argv=None):
         obs = simulate_mock(seed, noise_sigma=args.noise_sigma, source="galaxy",
                             galaxies=galaxies)
         truth = {k: float(obs.truth[k]) for k in LENS}
+        if args.start and seed not in starts:
+            raise SystemExit(f"{args.start} has no record of seed {seed}")
         kw = dict(step=args.step, mask_radius=args.mask_radius, basis=args.basis,
                   reach=args.reach)
         if args.offsets > 1:
@@ -428,8 +430,6 @@ def main(argv=None):
         else:
             inv = AdaptiveInversion(obs, **kw)
         if args.start_line:
-            if seed not in starts:
-                raise SystemExit(f"{args.start} has no record of seed {seed}")
             a, b = vector_from_lens(starts[seed]), vector_from_lens(truth)
             ts = np.array(LINE_T)
             values = np.array([inv.evidence(lens_from_vector(a + t * (b - a)))["log_evidence"]
@@ -469,8 +469,6 @@ def main(argv=None):
                 for t in (-0.5, -0.25, 0.25, 0.5, 0.75, 1.0, 1.25)}
         start = truth
         if args.start:
-            if seed not in starts:
-                raise SystemExit(f"{args.start} has no record of seed {seed}")
             start = starts[seed]
             rec["start"] = dict(error_percent=relative_errors(start, truth),
                                 log_evidence=round(inv.evidence(start)["log_evidence"], 2))
