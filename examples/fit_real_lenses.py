@@ -18,6 +18,9 @@ The HMC state is checkpointed to ``--out/NAME.hmc-checkpoint.pt``: rerun the sam
 resume an interrupted run, or with a larger ``--samples`` to extend chains that have not
 converged (the draws are those of one longer run), or with a smaller one (at least the draws
 the checkpoint holds) to end an interrupted run early with the draws it has.
+With ``--modes`` (a JSON list of overrides of the MAP naming other basins of the posterior) the
+chains also jump between the basins' modes (``LensFit.sample(modes=)``), or with
+``--importance N`` the posterior is importance-sampled over them instead (``LensFit.sample_modes``).
 
 Coordinates are the pixel frame (x along columns, y along rows, arcsec from the cutout centre), not
 RA/Dec: position angles are mirrored with respect to the sky for these images.
@@ -127,6 +130,15 @@ def main(argv=None):
                     default="bilinear",
                     help="how the VAE stamp is read between pixels (fit_lens("
                          "source_interpolation=)); cubic lets HMC take longer steps")
+    ap.add_argument("--modes", default=None, metavar="JSON",
+                    help="the posterior's other basins, a JSON list of overrides of the MAP's "
+                         "values, e.g. '[{\"q\": 0.6, \"r_ein\": 1.65}]': each is fitted to "
+                         "its own MAP and HMC adds mode-jumping moves between all of them "
+                         "(LensFit.sample(modes=)), which weigh basins chains cross too rarely")
+    ap.add_argument("--importance", type=int, default=None, metavar="N",
+                    help="with --modes: instead of HMC, N importance-sampling draws from "
+                         "Laplace approximations at the modes (LensFit.sample_modes; its PSIS "
+                         "pareto_k says whether to trust them)")
     ap.add_argument("--device", default="cpu",
                     help="cpu or cuda: where the MAP and the chains run (fit_lens(device=))")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
@@ -145,6 +157,16 @@ def main(argv=None):
                  f"{args.gamma_fixed}")
     if args.pilot_flow and not args.pilot:
         ap.error("--pilot-flow needs --pilot")
+    starts = None
+    if args.modes is not None:
+        try:
+            starts = json.loads(args.modes)
+        except json.JSONDecodeError as err:
+            ap.error(f"--modes is not JSON: {err}")
+        if not isinstance(starts, list) or not all(isinstance(m, dict) for m in starts):
+            ap.error("--modes must be a JSON list of objects, e.g. '[{\"q\": 0.85}]'")
+    if args.importance is not None and (starts is None or args.importance < 2):
+        ap.error("--importance needs --modes and N >= 2 draws")
     shared = Path(args.shared)
     if not shared.exists():
         raise SystemExit(f"data folder {shared} not found (pass --shared)")
@@ -191,7 +213,13 @@ def main(argv=None):
                        init=Path(args.init_from) / name if args.init_from else None)
         out = fit.save(Path(args.out) / name, coolest=True)
         print(fit.table(), flush=True)
-        if args.samples > 0:
+        if args.importance:
+            # the same conditioning as the HMC below: lens light held at its MAP
+            fit = fit.sample_modes(starts, args.importance, sample_lens_light=False,
+                                   hold=args.hold, seed=args.seed)
+            out = fit.save(Path(args.out) / name, coolest=True)
+            print(json.dumps(fit.modes.summary(), indent=1))
+        elif args.samples > 0:
             # lens light held at its MAP (see fit_lens(sample_lens_light=...)): with it free,
             # HMC crawls (steps ~0.02) where a Sersic index presses against its prior bound
             # the sampler's state is kept beside the results: rerunning the same command resumes
@@ -199,7 +227,7 @@ def main(argv=None):
             fit = fit.sample(args.samples, warmup=args.warmup, chains=args.chains,
                              sample_lens_light=False, hold=args.hold, seed=args.seed,
                              per_chain_metric=args.per_chain_metric, pilot=pilot,
-                             pilot_flow=args.pilot_flow,
+                             pilot_flow=args.pilot_flow, modes=starts or (),
                              checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
             out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()

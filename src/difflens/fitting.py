@@ -18,6 +18,7 @@ import torch
 
 from .datasets.observation import Observation
 from .infer import MAPResult, Posterior, fit_map, sample_laplace, sample_posterior
+from .infer.importance import ModeMixture, sample_modes
 from .infer.mcmc import read_pilot
 from .lensing import to_lenstronomy_epl
 from .model import LensModel, Priors, q_phi_to_ellipticity
@@ -174,6 +175,7 @@ class LensFit:
     model: LensModel
     map: MAPResult
     posterior: Posterior | None = None
+    modes: ModeMixture | None = None
 
     def summary(self) -> dict:
         """JSON-ready summary: MAP values (lens keys r_ein, q, phi, gamma, x0, y0, g1, g2 in
@@ -202,6 +204,8 @@ class LensFit:
         out["seconds"] = {"map": round(m.seconds, 2) if np.isfinite(m.seconds) else None}
         if self.posterior is not None:
             out["posterior"] = self.posterior.summary()
+        if self.modes is not None:
+            out["modes"] = self.modes.summary()
             out["seconds"].update({k: round(v, 2) for k, v in self.posterior.seconds.items()})
         if self.observation.truth:
             out["truth"] = {k: v for k, v in self.observation.truth.items() if np.ndim(v) == 0}
@@ -224,7 +228,8 @@ class LensFit:
 
     def sample(self, samples=500, *, warmup=200, chains=4, sampler="hmc", max_tree_depth=7,
                sample_lens_light=True, hold=(), per_chain_metric=False, pilot=None,
-               pilot_flow=False, seed=0, progress=True, checkpoint=None) -> "LensFit":
+               pilot_flow=False, modes=(), mode_steps=2000, seed=0, progress=True,
+               checkpoint=None) -> "LensFit":
         """This fit with a posterior sampled from its MAP (see :func:`fit_lens` for the
         arguments); the MAP can be saved before a long sampling run starts.
 
@@ -238,12 +243,90 @@ class LensFit:
         ``pilot_flow=True`` also fits a normalising flow to its draws and samples in the
         flow's latent space (for curved ridges).
 
+        ``modes`` (HMC only): the posterior's other basins, each named as in
+        :meth:`sample_modes` by overrides of the MAP's values (e.g. ``[{"q": 0.85}]``); a MAP
+        fit from each (``mode_steps`` Adam steps) finds its mode, and the chains add
+        mode-jumping moves between all of them (:func:`difflens.infer.sample_posterior`).
+
         Examples
         --------
         >>> fit = fit_lens(obs)                         # MAP only            # doctest: +SKIP
         >>> fit.save("out")                                                   # doctest: +SKIP
         >>> fit = fit.sample(300, chains=4); fit.save("out")                  # doctest: +SKIP
         """
+        model, sites = self._sampled_model(hold, sample_lens_light)
+        if sampler == "laplace":
+            if (checkpoint is not None or per_chain_metric or pilot is not None or pilot_flow
+                    or modes):
+                raise ValueError("sampler='laplace' draws at once: it keeps no checkpoint, "
+                                 "adapts no metric and jumps between no modes (checkpoint / "
+                                 "per_chain_metric / pilot / modes; see sample_modes)")
+            post = sample_laplace(model, sites, num_samples=samples * chains, seed=seed)
+        else:
+            others = [m.sample_sites() for m in
+                      self._other_modes(model, sites, modes, mode_steps, seed, progress)]
+            post = sample_posterior(model, sites, num_samples=samples, warmup=warmup,
+                                    chains=chains, seed=seed, method=sampler,
+                                    max_tree_depth=max_tree_depth, progress=progress,
+                                    per_chain_metric=per_chain_metric, pilot=pilot,
+                                    pilot_flow=pilot_flow, modes=others or None,
+                                    checkpoint=checkpoint)
+        return LensFit(self.observation, self.model, self.map, post)
+
+    def sample_modes(self, starts, samples=4000, *, sample_lens_light=True, hold=(), steps=2000,
+                     df=5.0, scale=1.2, seed=0, progress=True) -> "LensFit":
+        """This fit with a posterior over several modes, by importance sampling from a Laplace
+        approximation at each (:func:`difflens.infer.importance.sample_modes`).
+
+        For posteriors with separated basins that HMC chains cross too rarely to weigh (lens 3
+        of docs/real_data.md).  The first mode is this fit's MAP; each entry of ``starts``
+        names another basin by overriding some of the MAP's values (summary conventions:
+        ``r_ein`` in arcsec, ``q``, ``phi`` in radians, ``g1``, ...), and a MAP fit from there
+        (``steps`` Adam steps, no restarts) finds its mode.  Sites held while sampling
+        (``hold``, the lens light unless ``sample_lens_light``) stay at this fit's MAP for
+        every mode, as in :meth:`sample`.
+
+        Returns
+        -------
+        LensFit
+            With ``posterior`` (the resampled draws; their ``ess`` is the importance-sampling
+            ESS) and ``modes`` (:class:`~difflens.infer.importance.ModeMixture`: each basin's
+            weight and evidence, the PSIS ``pareto_k`` that says whether to trust them, and
+            each mode's MAP).  ``summary()`` reports both.
+
+        Examples
+        --------
+        >>> fit = fit_lens(obs)                                              # doctest: +SKIP
+        >>> fit = fit.sample_modes([{"q": 0.85, "r_ein": 1.4, "g1": -0.05}]) # doctest: +SKIP
+        >>> fit.modes.mode_weights, fit.modes.pareto_k                       # doctest: +SKIP
+        """
+        model, sites = self._sampled_model(hold, sample_lens_light)
+        maps = [self.map] + self._other_modes(model, sites, starts, steps, seed, progress)
+        inits = [sites] + [m.sample_sites() for m in maps[1:]]
+        mix = sample_modes(model, inits, num_samples=samples, df=df, scale=scale, seed=seed)
+        mix.maps = [{k: float(m.params[k]) for k in LENS_PARAMS}
+                    | {"theta_E": float(m.params["q"] ** 0.5 * m.params["r_ein"])}
+                    for m in maps]
+        return LensFit(self.observation, self.model, self.map, mix.posterior, mix)
+
+    def _other_modes(self, model, sites, starts, steps, seed, progress):
+        """MAP fits of ``model`` from this MAP's ``sites`` with the overrides of each entry of
+        ``starts`` (summary conventions), one per other mode."""
+        base = self.summary()["map"]
+        results = []
+        for i, start in enumerate(starts):
+            unknown = set(start) - set(base)
+            if unknown:
+                raise ValueError(f"starts[{i}]: unknown parameter(s) {sorted(unknown)}; "
+                                 f"known: {sorted(base)}")
+            init = {**sites, **start_from_summary(model, {"map": {**base, **start}})}
+            results.append(fit_map(model, steps=steps, restarts=1, init=init, data_guess=False,
+                                   encode_source=False, seed=seed, progress=progress))
+        return results
+
+    def _sampled_model(self, hold, sample_lens_light):
+        """The model with the sites in ``hold`` (and the lens light unless
+        ``sample_lens_light``) held at their MAP values, and the MAP of the sites left."""
         sites, model = self.map.sample_sites(), self.model
         model.check_site_names(hold, "hold")
         held = {k: v for k, v in sites.items()
@@ -251,18 +334,7 @@ class LensFit:
         if held:
             model = model.with_fixed(held)
             sites = {k: v for k, v in sites.items() if k not in held}
-        if sampler == "laplace":
-            if checkpoint is not None or per_chain_metric or pilot is not None or pilot_flow:
-                raise ValueError("sampler='laplace' draws at once: it keeps no checkpoint and "
-                                 "adapts no metric (checkpoint / per_chain_metric / pilot)")
-            post = sample_laplace(model, sites, num_samples=samples * chains, seed=seed)
-        else:
-            post = sample_posterior(model, sites, num_samples=samples, warmup=warmup,
-                                    chains=chains, seed=seed, method=sampler,
-                                    max_tree_depth=max_tree_depth, progress=progress,
-                                    per_chain_metric=per_chain_metric, pilot=pilot,
-                                    pilot_flow=pilot_flow, checkpoint=checkpoint)
-        return LensFit(self.observation, self.model, self.map, post)
+        return model, sites
 
     def save(self, out_dir, coolest=False) -> Path:
         """Write summary.json, fit.png and (when sampled) posterior.nc, corner.png and trace.png

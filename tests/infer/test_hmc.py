@@ -334,3 +334,98 @@ def test_sample_posterior_with_a_pilot_fixes_the_metric_and_refuses_bad_pilots(m
     with pytest.raises(ValueError, match="per_chain_metric"):
         sample_posterior(model, init, num_samples=2, pilot=pilot, per_chain_metric=True,
                          progress=False)
+
+
+def _two_modes(d=4):
+    """Target 0.7 N(0, I) + 0.3 N(m, 0.25 I), m 12 sd away along every axis (HMC alone never
+    crosses), and exact Gaussians of both modes."""
+    f64 = dict(dtype=torch.float64)
+    centres = torch.stack([torch.zeros(d, **f64), torch.full((d,), 6.0, **f64)])
+    factors = torch.stack([torch.eye(d, **f64), 0.5 * torch.eye(d, **f64)])
+    normal = [torch.distributions.MultivariateNormal(c, scale_tril=f)
+              for c, f in zip(centres, factors)]
+
+    def potential(u):
+        return -torch.logaddexp(np.log(0.7) + normal[0].log_prob(u),
+                                np.log(0.3) + normal[1].log_prob(u))
+    return potential, centres, factors
+
+
+def test_mode_jumps_give_separated_basins_their_weights():
+    """Chains all start in the heavier mode; with jumps the share of draws in the lighter one
+    is its weight 0.3 and each basin's draws have its mean and width (the jump's Jacobian
+    |det F_j / det F_i| = 16 matters: without it the share would be far off)."""
+    potential, centres, factors = _two_modes()
+    u0 = 0.1 * torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    draws, stats = hmc(potential, u0, num_samples=1500, warmup=150, seed=1, progress=False,
+                       jumps=(centres, factors))
+    basin = stats["basin"].numpy()
+    assert draws.shape == (4, 1500, 4) and basin.shape == (4, 1500)
+    assert set(np.unique(basin)) == {0, 1}
+    assert basin.mean() == pytest.approx(0.3, abs=0.05)
+    assert 0.3 < float(stats["jump_accept"].mean()) < 0.8
+    flat, lab = draws.reshape(-1, 4).numpy(), basin.reshape(-1)
+    assert np.allclose(flat[lab == 1].mean(0), 6.0, atol=0.1)
+    assert np.allclose(flat[lab == 1].std(0), 0.5, rtol=0.15)
+    assert np.allclose(flat[lab == 0].std(0), 1.0, rtol=0.15)
+    # without jumps every chain stays where it started
+    _, plain = hmc(potential, u0, num_samples=200, warmup=100, seed=1, progress=False)
+    assert "basin" not in plain
+
+
+def test_mode_jumps_reject_bad_modes_and_resume_from_a_checkpoint(tmp_path):
+    potential, centres, factors = _two_modes()
+    u0 = torch.zeros(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="K >= 2"):
+        hmc(potential, u0, jumps=(centres[:1], factors[:1]), progress=False)
+    with pytest.raises(ValueError, match="invertible"):
+        hmc(potential, u0, jumps=(centres, 0 * factors), progress=False)
+    ckpt = tmp_path / "jump.pt"
+    full, stats = hmc(potential, u0, num_samples=60, warmup=40, seed=2, progress=False,
+                      jumps=(centres, factors))
+    part, _ = hmc(potential, u0, num_samples=30, warmup=40, seed=2, progress=False,
+                  jumps=(centres, factors), checkpoint=ckpt)
+    more, more_stats = hmc(potential, u0, num_samples=60, warmup=40, seed=2, progress=False,
+                           jumps=(centres, factors), checkpoint=ckpt)
+    assert torch.equal(more, full) and torch.equal(more_stats["basin"], stats["basin"])
+    with pytest.raises(ValueError, match="other"):
+        hmc(potential, u0, num_samples=80, warmup=40, seed=2, progress=False,
+            checkpoint=ckpt)
+
+
+def test_sample_posterior_hands_hmc_each_modes_laplace_gaussian_in_its_coordinates(
+        monkeypatch):
+    """The jumps sample_posterior(modes=) passes to hmc, mapped back through the whitening
+    (theta = theta_MAP + L u), are each mode's Laplace centre and covariance."""
+    import difflens.infer.hmc as hmc_module
+    from difflens.infer.mcmc import _grad_fn, _laplace_mode, laplace_whitening, sample_posterior
+
+    model, space, init = _sersic_model_and_map()
+    other = dict(init, gamma=torch.tensor(2.4, dtype=torch.float64))
+    seen = {}
+
+    def fake_hmc(potential, u0, *, num_samples, jumps, **kw):
+        seen["jumps"], seen["potential"] = jumps, potential
+        c, d = u0.shape
+        draws = torch.zeros(c, num_samples, d, dtype=u0.dtype)
+        return draws, dict(seconds={}, basin=torch.zeros(c, num_samples, dtype=torch.long),
+                           jump_accept=torch.zeros(c, num_samples, dtype=u0.dtype))
+
+    monkeypatch.setattr(hmc_module, "hmc", fake_hmc)
+    post = sample_posterior(model, init, num_samples=3, chains=2, modes=[other],
+                            progress=False)
+    assert post.idata.sample_stats["basin"].shape == (2, 3)
+    centres, factors = seen["jumps"]
+    pot = space.potential(model)
+    x0 = FlatSites(model, init_strategy=lambda site: init[site["name"]]).start
+    # u = 0 is the MAP: the whitening is centred there
+    assert seen["potential"](torch.zeros(1, x0.numel(), dtype=x0.dtype))[0] == \
+        pytest.approx(float(pot(x0[None])[0]))
+    whiten = laplace_whitening(_grad_fn(pot), x0)
+    for k, start in enumerate([x0, space.flatten(other)]):
+        centre, factor, _ = _laplace_mode(pot, start)
+        assert torch.allclose(x0 + whiten @ centres[k], centre, atol=1e-8)
+        assert torch.allclose((whiten @ factors[k]) @ (whiten @ factors[k]).T,
+                              factor @ factor.T, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="modes"):
+        sample_posterior(model, init, num_samples=2, method="nuts", modes=[other])

@@ -178,12 +178,9 @@ def test_map_is_reproducible_from_its_seed_whatever_ran_before():
         assert float(first.params[k]) == float(second.params[k]), k
 
 
-def test_laplace_draws_match_the_posterior_integrated_on_a_grid():
-    """Mean and sd of r_ein and gamma from sample_laplace against the posterior computed by
-    direct numerical integration over a (r_ein, gamma) grid, the other parameters held."""
-    from difflens.infer import sample_laplace
-    from difflens.infer.hmc import FlatSites
-
+def two_parameter_problem():
+    """A lens posterior over r_ein and gamma only (every other site held at its truth), and
+    those two sites' truths."""
     sim, _, data = small_problem(npix=16, pixscale=0.16, noise=0.02)
     held = Priors.default("sersic")
     t = truth_sites()
@@ -192,22 +189,30 @@ def test_laplace_draws_match_the_posterior_integrated_on_a_grid():
     for k in ("amp", "r_e", "n", "e1", "e2", "x0", "y0"):
         held.source[k] = float(t["src_" + k])
     model = LensModel(data, 0.02, sim, source="sersic", priors=held)
-    init = {k: t[k] for k in ("r_ein", "gamma")}
-    post = sample_laplace(model, init, num_samples=4000, seed=3)
-    draws = {k: post.idata.posterior[k].values.reshape(-1) for k in ("r_ein", "gamma")}
-    assert draws["r_ein"].shape == (4000,)
+    return model, {k: t[k] for k in ("r_ein", "gamma")}
 
-    # the posterior density of the constrained parameters (no Jacobian) on a grid of +-6 sd
+
+def posterior_on_grid(model, draws, sds=6.0, n=81):
+    """The log posterior density of the constrained (r_ein, gamma) (no Jacobian) on an n x n
+    grid of +-``sds`` sd of ``draws`` around their mean: ``(rr, gg, logp)``."""
+    from difflens.infer.hmc import FlatSites
+
     space = FlatSites(model)
     density = space.potential(model, jacobian=False)
     m, s = {k: draws[k].mean() for k in draws}, {k: draws[k].std() for k in draws}
-    r = np.linspace(m["r_ein"] - 6 * s["r_ein"], m["r_ein"] + 6 * s["r_ein"], 81)
-    g = np.linspace(m["gamma"] - 6 * s["gamma"], m["gamma"] + 6 * s["gamma"], 81)
+    r = np.linspace(m["r_ein"] - sds * s["r_ein"], m["r_ein"] + sds * s["r_ein"], n)
+    g = np.linspace(m["gamma"] - sds * s["gamma"], m["gamma"] + sds * s["gamma"], n)
     rr, gg = np.meshgrid(r, g, indexing="ij")
     rows = torch.stack([space.flatten({"r_ein": a, "gamma": b})
                         for a, b in zip(rr.ravel(), gg.ravel())])
     with torch.no_grad():
         logp = -density(rows).numpy().reshape(rr.shape)
+    return rr, gg, logp
+
+
+def moments_match_grid(draws, rr, gg, logp):
+    """Assert the draws' means (within 0.1 sd) and sds (6%) of r_ein and gamma are those of
+    the grid posterior of :func:`posterior_on_grid`; return its normalised weights."""
     w = np.exp(logp - logp.max())
     w /= w.sum()
     for k, x in (("r_ein", rr), ("gamma", gg)):
@@ -215,6 +220,20 @@ def test_laplace_draws_match_the_posterior_integrated_on_a_grid():
         sd = math.sqrt((w * (x - mean) ** 2).sum())
         assert abs(draws[k].mean() - mean) < 0.1 * sd, k
         assert draws[k].std() == pytest.approx(sd, rel=0.06), k
+    return w
+
+
+def test_laplace_draws_match_the_posterior_integrated_on_a_grid():
+    """Mean and sd of r_ein and gamma from sample_laplace against the posterior computed by
+    direct numerical integration over a (r_ein, gamma) grid, the other parameters held."""
+    from difflens.infer import sample_laplace
+
+    model, init = two_parameter_problem()
+    post = sample_laplace(model, init, num_samples=4000, seed=3)
+    draws = {k: post.idata.posterior[k].values.reshape(-1) for k in ("r_ein", "gamma")}
+    assert draws["r_ein"].shape == (4000,)
+    rr, gg, logp = posterior_on_grid(model, draws)
+    w = moments_match_grid(draws, rr, gg, logp)
     # and the two are correlated as on the grid
     c_grid = (w * (rr - (w * rr).sum()) * (gg - (w * gg).sum())).sum()
     c_draw = np.cov(draws["r_ein"], draws["gamma"])[0, 1]

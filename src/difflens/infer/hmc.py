@@ -220,7 +220,7 @@ def _safe(potential):
 
 def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_length=2.2,
         max_steps=64, max_steps_ratio=3.0, dense=True, adapt_metric=True, groups=None, seed=0,
-        progress=True, desc="HMC", checkpoint=None, checkpoint_every=20):
+        jumps=None, progress=True, desc="HMC", checkpoint=None, checkpoint_every=20):
     """Run ``C`` HMC chains at once from ``u0`` (shape ``(C, D)``).
 
     Parameters
@@ -265,6 +265,18 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         lenses run in one batch: the preconditioner is adapted per group from that group's
         chains only.  Default: all chains sample one posterior.
     seed : int
+    jumps : tuple (centres, factors), optional
+        Gaussian approximations ``N(centres[k], factors[k] factors[k]^T)`` of ``K >= 2`` modes
+        in the coordinates ``u`` (Tensors (K, D) and (K, D, D)), for posteriors whose basins
+        HMC crosses too rarely.  After every iteration past warm-up each chain then also tries
+        a mode-jumping Metropolis move (Tjelmeland & Hegstad 2001): from the basin ``i`` whose
+        Gaussian is densest at ``u`` to another basin ``j`` (uniformly among the others) by the
+        affine map between the two Gaussians, ``u' = c_j + F_j F_i^-1 (u - c_i)``, accepted
+        with probability ``min(1, p(u') |det F_j| / (p(u) |det F_i|))`` if ``u'`` lies in basin
+        ``j`` (else rejected).  The map is its own inverse between the two basins, so the move
+        is reversible and leaves the posterior invariant; a chain then changes basin every
+        ``1 / acceptance`` iterations instead of waiting for a trajectory to find the path.
+        Warm-up has no jumps: a metric adapted on draws from several basins would fit none.
     progress : bool
         Progress bar (with the current mean acceptance and step size).
     checkpoint : str or Path, optional
@@ -293,7 +305,9 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         a chain of group g, v sampled with unit mass), ``rejected_updates`` the number of
         window updates kept back because they made the step size 4x smaller, ``seconds``
         the wall time of warm-up and of drawing the kept samples (``{"warmup": s,
-        "sampling": s}``, this call only: a resumed run counts what it ran).
+        "sampling": s}``, this call only: a resumed run counts what it ran); with ``jumps``
+        also ``jump_accept`` (C, num_samples), the jump moves' acceptance probabilities, and
+        ``basin`` (C, num_samples), the basin of each draw.
 
     Notes
     -----
@@ -318,6 +332,8 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         raise ValueError(f"groups must hold one group index >= 0 per chain, shape ({c},), "
                          f"got shape {tuple(groups.shape)}")
     n_groups = int(groups.max()) + 1
+    if jumps is not None:
+        jumps = _checked_jumps(jumps, d, u0)
     gen = torch.Generator(device=u0.device).manual_seed(seed)
     potential = _safe(potential)
     kw = dict(dtype=u0.dtype, device=u0.device)
@@ -344,17 +360,20 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
 
     eps = _initial_step_size(pot_v, v, pot, grad, gen)
     da = dual_averaging_state(eps)
-    draws, accepts, divergent, n_steps_kept = [], [], [], []
+    draws, accepts, divergent, n_steps_kept, jump_accepts, basins = [], [], [], [], [], []
     start = 0
     settings = dict(u0=u0.detach().cpu(), groups=groups.cpu(), num_samples=num_samples,
                     warmup=warmup, target_accept=target_accept, path_length=path_length,
                     max_steps=max_steps, max_steps_ratio=max_steps_ratio, dense=dense,
                     adapt_metric=adapt_metric, seed=seed,
                     start_potential=pot.detach().cpu())     # a fingerprint of the target density
+    if jumps is not None:      # (files written without jumps lack the key: they differ)
+        settings["jumps"] = torch.cat([jumps[0][:, :, None], jumps[1]], 2).cpu()
     if checkpoint is not None and Path(checkpoint).exists():
         state = _load_checkpoint(checkpoint, settings, u0.device)
         (start, v, pot, grad, eps, da, scale, window, window_ends, rejected_updates, draws,
          accepts, divergent, n_steps_kept) = (state[k] for k in _STATE)
+        jump_accepts, basins = state.get("jump_accepts", []), state.get("basins", [])
         scale = scale.clone()
         gen.set_state(state["generator"])
 
@@ -363,7 +382,8 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
             return
         state = dict(zip(_STATE, (next_it, v, pot, grad, eps, da, scale, window, window_ends,
                                   rejected_updates, draws, accepts, divergent, n_steps_kept)))
-        state.update(settings=settings, generator=gen.get_state())
+        state.update(settings=settings, generator=gen.get_state(), jump_accepts=jump_accepts,
+                     basins=basins)
         with atomic_path(checkpoint) as tmp:
             torch.save(tensors_to(state, "cpu"), tmp)
 
@@ -437,12 +457,20 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                 seconds["warmup"] = _elapsed(clock, v)
                 clock = time.perf_counter()
         else:
+            if jumps is not None:
+                u_new, pot, jump_prob, basin = _mode_jump(to_u(v), pot, potential, *jumps, gen)
+                v = torch.linalg.solve_triangular(scale[groups], u_new[:, :, None],
+                                                  upper=False)[:, :, 0]
+                pot, grad = _value_and_grad(pot_v, v)
+                jump_accepts.append(jump_prob)
+                basins.append(basin)
             draws.append(to_u(v))
             accepts.append(accept_prob)
             divergent.append(~torch.isfinite(h1) | (h1 - h0 > 1000.0))
             n_steps_kept.append(steps_c)
         bar.set_postfix(accept=f"{float(accept_prob.mean()):.2f}", step=f"{float(eps.median()):.3f}",
-                        L=n_steps)
+                        L=n_steps, **({"jump": f"{float(jump_accepts[-1].mean()):.2f}"}
+                                      if jump_accepts else {}))
         if (it + 1) % checkpoint_every == 0 or it + 1 == warmup + num_samples:
             save(it + 1)
     bar.close()
@@ -450,7 +478,59 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     stats = dict(accept=torch.stack(accepts, 1), step_size=eps,
                  n_steps=torch.stack(n_steps_kept, 1), divergent=torch.stack(divergent, 1),
                  scale=scale, rejected_updates=rejected_updates, seconds=seconds)
+    if jumps is not None:
+        stats.update(jump_accept=torch.stack(jump_accepts, 1), basin=torch.stack(basins, 1))
     return torch.stack(draws, 1), stats
+
+
+def _checked_jumps(jumps, d, like):
+    """``jumps`` as two tensors on ``like``'s device and dtype, shapes checked."""
+    try:
+        centres, factors = (torch.as_tensor(t, dtype=like.dtype, device=like.device)
+                            for t in jumps)
+    except (TypeError, ValueError) as err:
+        raise ValueError("jumps must be a pair (centres (K, D), factors (K, D, D))") from err
+    k = centres.shape[0] if centres.ndim == 2 else 0
+    if k < 2 or centres.shape != (k, d) or factors.shape != (k, d, d):
+        raise ValueError(f"jumps need centres (K, {d}) and factors (K, {d}, {d}) with K >= 2 "
+                         f"modes, got shapes {tuple(centres.shape)} and {tuple(factors.shape)}")
+    if not (torch.isfinite(centres).all() and torch.isfinite(factors).all()):
+        raise ValueError("jumps: centres and factors must be finite")
+    if (torch.linalg.slogdet(factors)[0] == 0).any():
+        raise ValueError("jumps: every factor must be invertible")
+    return centres, factors
+
+
+def basin_labels(u, centres, factors):
+    """Index of the Gaussian ``N(centres[k], factors[k] factors[k]^T)`` densest at each row of
+    ``u`` (N, D): the basin a draw belongs to in :func:`hmc`'s mode-jumping moves."""
+    from .importance import student_t_log_density
+
+    dens = torch.stack([student_t_log_density(u, c, f) for c, f in zip(centres, factors)])
+    return dens.argmax(0)
+
+
+def _mode_jump(u, pot, potential, centres, factors, gen):
+    """One mode-jumping Metropolis move per chain (see :func:`hmc`, ``jumps``): returns the new
+    positions and potentials, the acceptance probabilities and the basin of the new positions.
+    """
+    k = centres.shape[0]
+    here = basin_labels(u, centres, factors)
+    offset = torch.randint(1, k, here.shape, generator=gen, device=u.device)
+    there = (here + offset) % k
+    y = torch.linalg.solve(factors[here], (u - centres[here])[:, :, None])
+    proposal = centres[there] + (factors[there] @ y)[:, :, 0]
+    with torch.no_grad():
+        pot_new = potential(proposal)
+    logdet = torch.linalg.slogdet(factors)[1]
+    log_ratio = pot - pot_new + logdet[there] - logdet[here]
+    consistent = basin_labels(proposal, centres, factors) == there
+    log_ratio = torch.where(consistent & torch.isfinite(pot_new), log_ratio,
+                            torch.full_like(log_ratio, -math.inf))
+    prob = torch.nan_to_num(log_ratio, nan=-math.inf).clamp(max=0.0).exp()
+    take = torch.rand(prob.shape, generator=gen, dtype=prob.dtype, device=prob.device) < prob
+    u = torch.where(take[:, None], proposal, u)
+    return u, torch.where(take, pot_new, pot), prob, torch.where(take, there, here)
 
 
 _STATE = ("iteration", "v", "pot", "grad", "eps", "dual_averaging", "scale", "window",
@@ -484,6 +564,7 @@ def _load_checkpoint(path, settings, device):
                          "delete it to start afresh)")
     differ = [k for k, val in settings.items() if k not in saved
               or (k != "num_samples" and not same(saved[k], val))]
+    differ += [k for k in saved if k not in settings]         # e.g. jumps, now left out
     if differ:
         raise ValueError(f"HMC checkpoint {path} was written with other {differ}; delete it or "
                          "choose another path to start afresh")

@@ -184,8 +184,8 @@ def _laplace_factor(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16,
 def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=300, chains=4,
                      method="hmc", seed=0, target_accept=0.8, path_length=2.2, max_tree_depth=8,
                      whiten=True, full_mass=False, adapt_mass_matrix=None, start_spread=0.3,
-                     per_chain_metric=False, pilot=None, pilot_flow=False, progress=True,
-                     checkpoint=None) -> Posterior:
+                     per_chain_metric=False, pilot=None, pilot_flow=False, modes=None,
+                     progress=True, checkpoint=None) -> Posterior:
     """Sample the posterior of ``model`` from ``init`` (normally ``MAPResult.sample_sites()``).
 
     Parameters
@@ -244,6 +244,13 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         its latent space (NeuTra; :func:`pilot_flow_fit`), for ridges that are curved as well as
         long (lens 3's ellipticity-shear ridge), which a covariance cannot make round.  The fit
         takes a minute or two on a CPU for ~10^4 draws of ~100 parameters.
+    modes : list of dict, optional
+        HMC only: site values at the posterior's other modes (MAPs found from starts in other
+        basins; ``init`` is the first mode).  Each gets a Laplace Gaussian, and after warm-up
+        every iteration adds a mode-jumping Metropolis move between them
+        (:func:`difflens.infer.hmc.hmc`, ``jumps``), so that chains weigh basins they would
+        cross only every thousand draws or so.  The posterior's ``idata.sample_stats`` then
+        holds each draw's ``basin`` (0: ``init``'s) and the moves' ``jump_accept``.
     checkpoint : str or Path, optional
         HMC only: a file where the sampler's state is saved as it runs; rerunning the same call
         resumes an interrupted run from it, with the same draws, and rerunning it with more
@@ -270,9 +277,10 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
             target_accept=target_accept, path_length=path_length, whiten=whiten,
             start_spread=start_spread, per_chain_metric=per_chain_metric,
             pilots=None if pilot is None else [pilot], pilot_flow=pilot_flow,
-            progress=progress, checkpoint=checkpoint)[0]
-    if pilot is not None or pilot_flow:
-        raise ValueError("pilot and pilot_flow are options of method='hmc'")
+            modes=modes, progress=progress,
+            checkpoint=checkpoint)[0]
+    if pilot is not None or pilot_flow or modes:
+        raise ValueError("pilot, pilot_flow and modes are options of method='hmc'")
     if per_chain_metric:
         raise ValueError("per_chain_metric is an option of method='hmc'; Pyro's NUTS adapts "
                          "each chain on its own already")
@@ -354,10 +362,28 @@ def sample_laplace(model: LensModel, init: dict, *, num_samples=2000, seed=0,
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     space = FlatSites(model, init_strategy=init_to_value(values=init))
-    flat0 = space.start
     potential = space.potential(model)
-    grad_fn = _grad_fn(potential)
     block = _correction_block(model, init, space)
+    flat0, factor, keep = _laplace_mode(potential, space.start, block, newton_step)
+    gen = torch.Generator(device=flat0.device).manual_seed(seed)
+    u = torch.randn((num_samples, factor.shape[0]), generator=gen, dtype=flat0.dtype,
+                    device=flat0.device)
+    draws = flat0.repeat(num_samples, 1)
+    draws[:, keep] += u @ factor.T
+    with torch.no_grad():
+        sites = space.constrained(draws)
+    posterior = {n: v.detach().cpu().numpy().reshape(1, num_samples, *v.shape[1:])
+                 for n, v in sites.items() if n != "src_correction"}
+    return _posterior_from_draws(model, init, posterior, seed)
+
+
+def _laplace_mode(potential, flat0, block=None, newton_step=True):
+    """The Laplace Gaussian of a batched ``potential`` near ``flat0`` (Pyro's unconstrained
+    space): its centre, ``flat0`` moved by one Newton step ``-L L^T grad U`` when that lowers
+    the potential, the factor ``L`` of :func:`laplace_whitening` and the mask of the
+    coordinates it covers (all but a ``block`` integrated out, see :func:`_correction_block`).
+    """
+    grad_fn = _grad_fn(potential)
     factor, cross = _laplace_factor(grad_fn, flat0, integrate_out=block)
     out = block[0] if block else torch.zeros_like(flat0, dtype=torch.bool)
     keep = ~out
@@ -376,17 +402,7 @@ def sample_laplace(model: LensModel, init: dict, *, num_samples=2000, seed=0,
         with torch.no_grad():
             if float(potential((flat0 + step)[None])[0]) < float(potential(flat0[None])[0]):
                 flat0 = flat0 + step
-    gen = torch.Generator(device=flat0.device).manual_seed(seed)
-    u = torch.randn((num_samples, factor.shape[0]), generator=gen, dtype=flat0.dtype,
-                    device=flat0.device)
-    draws = flat0.repeat(num_samples, 1)
-    draws[:, keep] += u @ factor.T
-    with torch.no_grad():
-        sites = space.constrained(draws)
-    posterior = {n: v.detach().cpu().numpy().reshape(1, num_samples, *v.shape[1:])
-                 for n, v in sites.items() if n != "src_correction"}
-    return _posterior_from_draws(model, init, posterior, seed)
-
+    return flat0, factor, keep
 
 
 def _correction_block(model: LensModel, init: dict, space):
@@ -417,7 +433,7 @@ def _correction_block(model: LensModel, init: dict, space):
 def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains=4, seed=0,
                            target_accept=0.8, path_length=2.2, whiten=True, start_spread=0.3,
                            per_chain_metric=False, pilots=None, pilot_flow=False,
-                           progress=True, checkpoint=None) -> list:
+                           modes=None, progress=True, checkpoint=None) -> list:
     """HMC posteriors of many lenses at once: ``len(models) x chains`` chains in one batch.
 
     Every leapfrog step is one batched likelihood call over all lenses and chains (on a GPU,
@@ -441,6 +457,9 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         pilot's covariance and its chains start at pilot draws; no metric is adapted.
     pilot_flow : bool
         As in :func:`sample_posterior`: one flow per lens, fitted to that lens's pilot.
+    modes : list of dict, optional
+        One lens only: site values at the other modes of its posterior, for mode-jumping moves
+        (as in :func:`sample_posterior`).
     checkpoint : str or Path, optional
         As in :func:`sample_posterior`: the sampler's state file, for resuming.  With
         ``pilot_flow`` the flows' weights are kept beside it (``<checkpoint>.flow<i>.pt``).
@@ -466,6 +485,8 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         raise ValueError("chains and num_samples must be >= 1")
     if pilot_flow and pilots is None:
         raise ValueError("pilot_flow fits a flow to a pilot's draws: pass pilot(s) too")
+    if modes and (len(models) != 1 or pilot_flow):
+        raise ValueError("modes (mode-jumping moves) take one lens and no pilot_flow")
     n_lens = len(models)
     space = FlatSites(models[0], init_strategy=init_to_value(values=inits[0]))
     missing = [sorted(set(space.names) - set(init)) for init in inits]
@@ -519,9 +540,17 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         w, logdet = through_flows(v)
         return stacked(to_theta(w)) - logdet
 
+    jumps = None
+    if modes:
+        # each mode's Laplace Gaussian (the MAP's included), in the whitened coordinates u
+        pot = space.potential(models[0])
+        gaussians = [_laplace_mode(pot, x)[:2]
+                     for x in [flat0[0]] + [space.flatten(m) for m in modes]]
+        jumps = (torch.stack([torch.linalg.solve(factor[0], c - flat0[0]) for c, _ in gaussians]),
+                 torch.stack([torch.linalg.solve(factor[0], f) for _, f in gaussians]))
     u, stats = hmc(potential, u0, num_samples=num_samples, warmup=warmup,
                target_accept=target_accept, path_length=path_length, groups=groups, seed=seed,
-               adapt_metric=pilots is None, progress=progress,
+               jumps=jumps, adapt_metric=pilots is None, progress=progress,
                desc="HMC" if n_lens == 1 else f"HMC ({n_lens} lenses)", checkpoint=checkpoint)
     if pilot_flow:
         with torch.no_grad():
@@ -535,6 +564,9 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
                      .detach().cpu().numpy() for n, v in sites.items()}
         out.append(_posterior_from_draws(m, init, posterior, seed + i))
         out[-1].seconds = dict(stats["seconds"])
+        if jumps is not None:
+            out[-1].idata.add_groups(sample_stats={
+                k: stats[k].cpu().numpy() for k in ("basin", "jump_accept")})
     return out
 
 
