@@ -93,3 +93,35 @@ def test_sample_modes_rejects_bad_input():
     model = LensModel(data, 0.02, sim, source="sersic")
     with pytest.raises(ValueError, match="at least one mode"):
         sample_modes(model, [])
+
+
+def test_basin_log_ratios_weigh_two_basins_from_draws_within_each():
+    """Exact draws from each component of 0.8 N(m1, S1) + 0.2 N(m2, S2) in 20 dimensions,
+    labelled by component: the bridge gives log(0.2 / 0.8) with Gaussians fitted to the draws,
+    and still does (less precisely) with Gaussians that are too wide and shifted."""
+    from difflens.infer.importance import basin_log_ratios
+
+    d = 20
+    gen = torch.Generator().manual_seed(4)
+    m1, m2 = torch.zeros(d, **F64), torch.full((d,), 0.8, **F64)
+    a = 0.1 * torch.randn(d, d, generator=gen, **F64) + torch.eye(d, **F64)
+    l1 = torch.linalg.cholesky(0.01 * a @ a.T)
+    l2 = math.sqrt(0.02) * torch.eye(d, **F64)
+
+    def potential(x):
+        return -(3.0 + torch.logaddexp(math.log(0.8) + student_t_log_density(x, m1, l1),
+                                       math.log(0.2) + student_t_log_density(x, m2, l2)))
+
+    x = torch.cat([m1 + torch.randn(3000, d, generator=gen, **F64) @ l1.T,
+                   m2 + torch.randn(1000, d, generator=gen, **F64) @ l2.T])
+    labels = torch.cat([torch.zeros(3000, dtype=torch.long), torch.ones(1000, dtype=torch.long)])
+    fitted = [torch.linalg.cholesky(torch.cov(x[labels == b].T)) for b in (0, 1)]
+    centres = torch.stack([x[labels == b].mean(0) for b in (0, 1)])
+    log_r = basin_log_ratios(potential, x, labels, centres, torch.stack(fitted))
+    assert log_r[0] == 0.0 and log_r[1] == pytest.approx(math.log(0.25), abs=0.05)
+    rough = basin_log_ratios(potential, x, labels, centres + 0.02,
+                             torch.stack([1.3 * f for f in fitted]))
+    assert rough[1] == pytest.approx(math.log(0.25), abs=0.15)
+    with pytest.raises(ValueError, match="every basin needs draws"):
+        basin_log_ratios(potential, x, torch.zeros(4000, dtype=torch.long), centres,
+                         torch.stack(fitted))

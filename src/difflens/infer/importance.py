@@ -278,3 +278,104 @@ def _systematic_resample(w, n, rng):
     uniform offset, so each index appears floor or ceil of ``n w_i`` times)."""
     positions = (rng.uniform() + np.arange(n)) / n
     return np.minimum(np.searchsorted(np.cumsum(w), positions), len(w) - 1)
+
+
+def basin_log_ratios(potential, draws, labels, centres, factors, *, chunk=64, tol=1e-10,
+                     max_iter=500):
+    """Posterior mass of each basin relative to basin 0, from MCMC draws labelled by basin:
+    warp bridge sampling (Meng & Schilling 2002) with the affine map between Gaussians.
+
+    For chains that rarely cross between basins the share of draws in each basin is a poor
+    estimate of its mass, but draws *within* each basin can still be used.  With ``T`` the map
+    ``x -> c_j + F_j F_0^-1 (x - c_0)`` from basin 0 onto basin ``j``, the warped density
+    ``q_j(x) = p(T x) |det F_j / det F_0|`` (restricted to ``T x`` in basin ``j``) has
+    normalisation ``Z_j`` and overlaps basin 0's posterior wherever the Gaussians describe the
+    basins alike.  The optimal bridge estimator of Meng & Wong (1996, eq. 4.1),
+
+        r <- [mean_i l_i / (s_j l_i + s_0 r)] / [mean_k 1 / (s_j m_k + s_0 r)],
+
+    with ``l_i = q_j(x_i) / p(x_i)`` at basin 0's draws and ``m_k = q_j(x'_k) / p(x'_k)`` at
+    basin ``j``'s draws mapped back, ``x'_k = T^-1 y_k``, ``s`` the two basins' fractions of
+    the draws, iterated to convergence, gives ``r = Z_j / Z_0``.  It is consistent for any
+    map (better Gaussians only lower its variance) and is the quantity a mode-jumping chain
+    (:func:`difflens.infer.hmc.hmc`, ``jumps``) would estimate through its jumps, without
+    having to wait for them.  Its error comes from how well each basin's draws represent that
+    basin: autocorrelated or unconverged chains give a biased ratio, so compare runs.
+
+    Parameters
+    ----------
+    potential : callable
+        ``(N, D) -> (N,)`` negative log posterior (batched), e.g. ``FlatSites.potential``.
+    draws : Tensor (N, D)
+        Posterior draws (all chains), in the coordinates of ``potential``.
+    labels : Tensor or ndarray (N,)
+        Basin of each draw, 0 .. K-1; every basin needs draws.
+    centres, factors : Tensor (K, D), (K, D, D)
+        A Gaussian per basin (e.g. the mean and Cholesky factor of its draws' covariance); a
+        mapped point counts only if :func:`difflens.infer.hmc.basin_labels` puts it in the
+        target basin.
+    chunk : int
+        Rows per ``potential`` call.
+
+    Returns
+    -------
+    ndarray (K,)
+        ``log(Z_k / Z_0)`` (0 for basin 0); ``softmax`` of it gives the basins' weights.
+
+    Examples
+    --------
+    >>> log_r = basin_log_ratios(pot, x, labels, centres, factors)    # doctest: +SKIP
+    >>> weights = np.exp(log_r - np.logaddexp.reduce(log_r))           # doctest: +SKIP
+    """
+    from .hmc import basin_labels
+
+    labels = torch.as_tensor(labels, device=draws.device)
+    k = centres.shape[0]
+    if draws.ndim != 2 or labels.shape != draws.shape[:1]:
+        raise ValueError(f"draws must be (N, D) with one label each, got {tuple(draws.shape)} "
+                         f"and {tuple(labels.shape)}")
+    counts = [int((labels == b).sum()) for b in range(k)]
+    if min(counts) == 0:
+        raise ValueError(f"every basin needs draws; draws per basin: {counts}")
+    logdet = torch.linalg.slogdet(factors)[1]
+
+    def energies(x):
+        with torch.no_grad():
+            return torch.cat([potential(rows) for rows in torch.split(x, chunk)])
+
+    def mapped(x, a, b):
+        y = torch.linalg.solve(factors[a], (x - centres[a]).T)
+        return (centres[b] + (factors[b] @ y).T)
+
+    out = np.zeros(k)
+    x0 = draws[labels == 0]
+    u0 = energies(x0)
+    for j in range(1, k):
+        xj = draws[labels == j]
+        fwd, back = mapped(x0, 0, j), mapped(xj, j, 0)
+        jac = float(logdet[j] - logdet[0])
+        log_l = u0 - energies(fwd) + jac
+        log_l = torch.where(basin_labels(fwd, centres, factors) == j, log_l,
+                            torch.full_like(log_l, -math.inf))
+        log_m = energies(back) - energies(xj) + jac
+        log_m = torch.where(basin_labels(back, centres, factors) == 0, log_m,
+                            torch.full_like(log_m, math.inf))
+        log_l, log_m = (torch.nan_to_num(t.double(), nan=-math.inf).cpu() for t in (log_l, log_m))
+        log_s0 = math.log(counts[0] / (counts[0] + counts[j]))
+        log_sj = math.log(counts[j] / (counts[0] + counts[j]))
+        log_r = 0.0
+        for _ in range(max_iter):
+            den_r = log_s0 + log_r
+            num = torch.logsumexp(log_l - torch.logaddexp(log_sj + log_l,
+                                                          torch.tensor(den_r)), 0)
+            den = torch.logsumexp(-torch.logaddexp(log_sj + log_m, torch.tensor(den_r)), 0)
+            new = float(num - den) - math.log(len(log_l)) + math.log(len(log_m))
+            if not math.isfinite(new):
+                raise RuntimeError(f"basins 0 and {j}: no mapped draw lands where the other "
+                                   "basin's posterior is; give better Gaussians")
+            done = abs(new - log_r) < tol
+            log_r = new
+            if done:
+                break
+        out[j] = log_r
+    return out
