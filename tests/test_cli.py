@@ -142,8 +142,11 @@ def test_fit_checkpoint_resumes_with_the_same_draws(tmp_path):
     # a rerun finds the finished state and returns its draws instead of sampling again
     state_time = state.stat().st_mtime_ns
     assert main(argv + ["--out", str(tmp_path / "b")]) == 0
-    a, b = (json.loads((tmp_path / d / "summary.json").read_text())["posterior"] for d in "ab")
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab"]
+    a, b = (s["posterior"] for s in summaries)
     assert a["r_ein"]["mean"] == b["r_ein"]["mean"] and a["gamma"]["sd"] == b["gamma"]["sd"]
+    # the sampler's wall times are reported beside the MAP's
+    assert {"map", "warmup", "sampling"} <= set(summaries[0]["seconds"])
     assert state.stat().st_mtime_ns == state_time
 
 

@@ -204,9 +204,9 @@ class LensFit:
         out["seconds"] = {"map": round(m.seconds, 2) if np.isfinite(m.seconds) else None}
         if self.posterior is not None:
             out["posterior"] = self.posterior.summary()
+            out["seconds"].update({k: round(v, 2) for k, v in self.posterior.seconds.items()})
         if self.modes is not None:
             out["modes"] = self.modes.summary()
-            out["seconds"].update({k: round(v, 2) for k, v in self.posterior.seconds.items()})
         if self.observation.truth:
             out["truth"] = {k: v for k, v in self.observation.truth.items() if np.ndim(v) == 0}
         return out
