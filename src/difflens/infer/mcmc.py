@@ -277,8 +277,7 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
             target_accept=target_accept, path_length=path_length, whiten=whiten,
             start_spread=start_spread, per_chain_metric=per_chain_metric,
             pilots=None if pilot is None else [pilot], pilot_flow=pilot_flow,
-            modes=modes, progress=progress,
-            checkpoint=checkpoint)[0]
+            modes=modes, progress=progress, checkpoint=checkpoint)[0]
     if pilot is not None or pilot_flow or modes:
         raise ValueError("pilot, pilot_flow and modes are options of method='hmc'")
     if per_chain_metric:
