@@ -30,11 +30,10 @@ def test_student_t_density_matches_scipy():
     assert np.allclose(ours, stats.multivariate_normal(centre.numpy(), cov).logpdf(x.numpy()))
 
 
-def test_two_separated_modes_get_their_weights_and_the_evidence():
-    """Target: Z (0.8 N(m1, S1) + 0.2 N(m2, S2)) in 20 dimensions, Z = e^3, modes 40 sd apart
-    (no chain would cross).  Proposals at the exact modes with the exact covariances."""
-    d = 20
-    gen = torch.Generator().manual_seed(0)
+def _two_gaussians(d, seed):
+    """Z (0.8 N(m1, L1 L1^T) + 0.2 N(m2, L2 L2^T)) with Z = e^3: means, factors, the potential
+    -log of it, and the generator that drew L1 (for further draws)."""
+    gen = torch.Generator().manual_seed(seed)
     m1, m2 = torch.zeros(d, **F64), torch.full((d,), 0.8, **F64)
     a = 0.1 * torch.randn(d, d, generator=gen, **F64) + torch.eye(d, **F64)
     l1 = torch.linalg.cholesky(0.01 * a @ a.T)
@@ -43,7 +42,14 @@ def test_two_separated_modes_get_their_weights_and_the_evidence():
     def potential(x):
         return -(3.0 + torch.logaddexp(math.log(0.8) + student_t_log_density(x, m1, l1),
                                        math.log(0.2) + student_t_log_density(x, m2, l2)))
+    return m1, m2, l1, l2, potential, gen
 
+
+def test_two_separated_modes_get_their_weights_and_the_evidence():
+    """Target: Z (0.8 N(m1, S1) + 0.2 N(m2, S2)) in 20 dimensions, Z = e^3, modes 40 sd apart
+    (no chain would cross).  Proposals at the exact modes with the exact covariances."""
+    d = 20
+    m1, m2, l1, l2, potential, _ = _two_gaussians(d, seed=0)
     draws, log_w, labels = mixture_importance(potential, [m1, m2], [l1, l2], 4000, df=5.0,
                                               scale=1.2, seed=3)
     assert draws.shape == (4000, d) and log_w.shape == labels.shape == (4000,)
@@ -102,16 +108,7 @@ def test_basin_log_ratios_weigh_two_basins_from_draws_within_each():
     from difflens.infer.importance import basin_log_ratios
 
     d = 20
-    gen = torch.Generator().manual_seed(4)
-    m1, m2 = torch.zeros(d, **F64), torch.full((d,), 0.8, **F64)
-    a = 0.1 * torch.randn(d, d, generator=gen, **F64) + torch.eye(d, **F64)
-    l1 = torch.linalg.cholesky(0.01 * a @ a.T)
-    l2 = math.sqrt(0.02) * torch.eye(d, **F64)
-
-    def potential(x):
-        return -(3.0 + torch.logaddexp(math.log(0.8) + student_t_log_density(x, m1, l1),
-                                       math.log(0.2) + student_t_log_density(x, m2, l2)))
-
+    m1, m2, l1, l2, potential, gen = _two_gaussians(d, seed=4)
     x = torch.cat([m1 + torch.randn(3000, d, generator=gen, **F64) @ l1.T,
                    m2 + torch.randn(1000, d, generator=gen, **F64) @ l2.T])
     labels = torch.cat([torch.zeros(3000, dtype=torch.long), torch.ones(1000, dtype=torch.long)])

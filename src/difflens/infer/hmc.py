@@ -458,10 +458,11 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                 clock = time.perf_counter()
         else:
             if jumps is not None:
-                u_new, pot, jump_prob, basin = _mode_jump(to_u(v), pot, potential, *jumps, gen)
-                v = torch.linalg.solve_triangular(scale[groups], u_new[:, :, None],
-                                                  upper=False)[:, :, 0]
-                pot, grad = _value_and_grad(pot_v, v)
+                u_new, jump_prob, basin, moved = _mode_jump(to_u(v), pot, potential, *jumps, gen)
+                if moved.any():         # new positions need their gradients
+                    v = torch.linalg.solve_triangular(scale[groups], u_new[:, :, None],
+                                                      upper=False)[:, :, 0]
+                    pot, grad = _value_and_grad(pot_v, v)
                 jump_accepts.append(jump_prob)
                 basins.append(basin)
             draws.append(to_u(v))
@@ -512,8 +513,8 @@ def basin_labels(u, centres, factors):
 
 def _mode_jump(u, pot, potential, centres, factors, gen):
     """One mode-jumping Metropolis move per chain (see :func:`hmc`, ``jumps``): returns the new
-    positions and potentials, the acceptance probabilities and the basin of the new positions.
-    """
+    positions, the acceptance probabilities, the basin of the new positions and which chains
+    moved."""
     k = centres.shape[0]
     here = basin_labels(u, centres, factors)
     offset = torch.randint(1, k, here.shape, generator=gen, device=u.device)
@@ -530,7 +531,7 @@ def _mode_jump(u, pot, potential, centres, factors, gen):
     prob = torch.nan_to_num(log_ratio, nan=-math.inf).clamp(max=0.0).exp()
     take = torch.rand(prob.shape, generator=gen, dtype=prob.dtype, device=prob.device) < prob
     u = torch.where(take[:, None], proposal, u)
-    return u, torch.where(take, pot_new, pot), prob, torch.where(take, there, here)
+    return u, prob, torch.where(take, there, here), take
 
 
 _STATE = ("iteration", "v", "pot", "grad", "eps", "dual_averaging", "scale", "window",
