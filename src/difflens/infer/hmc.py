@@ -511,6 +511,16 @@ def basin_labels(u, centres, factors):
     return dens.argmax(0)
 
 
+def map_between_basins(u, centres, factors, here, there):
+    """The affine map between basins' Gaussians, row by row: ``u' = c_j + F_j F_i^-1 (u -
+    c_i)`` with ``i = here``, ``j = there`` (LongTensors (N,) or ints); it carries
+    ``N(c_i, F_i F_i^T)`` onto ``N(c_j, F_j F_j^T)`` and is inverted by swapping them."""
+    here = torch.as_tensor(here, device=u.device).expand(u.shape[0])
+    there = torch.as_tensor(there, device=u.device).expand(u.shape[0])
+    y = torch.linalg.solve(factors[here], (u - centres[here])[:, :, None])
+    return centres[there] + (factors[there] @ y)[:, :, 0]
+
+
 def _mode_jump(u, pot, potential, centres, factors, gen):
     """One mode-jumping Metropolis move per chain (see :func:`hmc`, ``jumps``): returns the new
     positions, the acceptance probabilities, the basin of the new positions and which chains
@@ -519,8 +529,7 @@ def _mode_jump(u, pot, potential, centres, factors, gen):
     here = basin_labels(u, centres, factors)
     offset = torch.randint(1, k, here.shape, generator=gen, device=u.device)
     there = (here + offset) % k
-    y = torch.linalg.solve(factors[here], (u - centres[here])[:, :, None])
-    proposal = centres[there] + (factors[there] @ y)[:, :, 0]
+    proposal = map_between_basins(u, centres, factors, here, there)
     with torch.no_grad():
         pot_new = potential(proposal)
     logdet = torch.linalg.slogdet(factors)[1]

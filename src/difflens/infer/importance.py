@@ -327,7 +327,7 @@ def basin_log_ratios(potential, draws, labels, centres, factors, *, chunk=64, to
     >>> log_r = basin_log_ratios(pot, x, labels, centres, factors)    # doctest: +SKIP
     >>> weights = np.exp(log_r - np.logaddexp.reduce(log_r))           # doctest: +SKIP
     """
-    from .hmc import basin_labels
+    from .hmc import basin_labels, map_between_basins
 
     labels = torch.as_tensor(labels, device=draws.device)
     k = centres.shape[0]
@@ -343,16 +343,13 @@ def basin_log_ratios(potential, draws, labels, centres, factors, *, chunk=64, to
         with torch.no_grad():
             return torch.cat([potential(rows) for rows in torch.split(x, chunk)])
 
-    def mapped(x, a, b):
-        y = torch.linalg.solve(factors[a], (x - centres[a]).T)
-        return (centres[b] + (factors[b] @ y).T)
-
     out = np.zeros(k)
     x0 = draws[labels == 0]
     u0 = energies(x0)
     for j in range(1, k):
         xj = draws[labels == j]
-        fwd, back = mapped(x0, 0, j), mapped(xj, j, 0)
+        fwd = map_between_basins(x0, centres, factors, 0, j)
+        back = map_between_basins(xj, centres, factors, j, 0)
         jac = float(logdet[j] - logdet[0])
         log_l = u0 - energies(fwd) + jac
         log_l = torch.where(basin_labels(fwd, centres, factors) == j, log_l,
