@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import arviz as az
+import numpy as np
 import pyro.distributions as dist
 import torch
 
@@ -139,6 +140,14 @@ def main(argv=None):
                     help="with --modes: instead of HMC, N importance-sampling draws from "
                          "Laplace approximations at the modes (LensFit.sample_modes; its PSIS "
                          "pareto_k says whether to trust them)")
+    ap.add_argument("--umbrella", default=None, metavar="LO:HI:K",
+                    help="instead of plain HMC, umbrella sampling along q: K windows centred "
+                         "from LO to HI, one chain each (--samples, --warmup per chain), "
+                         "reweighted by MBAR (LensFit.sample_umbrella); for the slow ridge of "
+                         "lens 3.  Combines with --pilot")
+    ap.add_argument("--umbrella-kappa", type=float, default=None, metavar="KAPPA",
+                    help="with --umbrella: the restraint's stiffness (1/q^2; default "
+                         "1/spacing^2)")
     ap.add_argument("--device", default="cpu",
                     help="cpu or cuda: where the MAP and the chains run (fit_lens(device=))")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
@@ -167,6 +176,20 @@ def main(argv=None):
             ap.error("--modes must be a JSON list of objects, e.g. '[{\"q\": 0.85}]'")
     if args.importance is not None and (starts is None or args.importance < 2):
         ap.error("--importance needs --modes and N >= 2 draws")
+    centres = None
+    if args.umbrella is not None:
+        try:
+            lo, hi, k = args.umbrella.split(":")
+            centres = np.linspace(float(lo), float(hi), int(k))
+        except ValueError:
+            ap.error(f"--umbrella takes LO:HI:K, e.g. 0.4:0.85:10, got {args.umbrella!r}")
+        if not (int(k) >= 2 and float(hi) > float(lo)):
+            ap.error(f"--umbrella needs K >= 2 windows and HI > LO, got {args.umbrella!r}")
+        if args.modes is not None or args.pilot_flow or args.per_chain_metric:
+            ap.error("--umbrella takes no --modes, --pilot-flow or --per-chain-metric (every "
+                     "window adapts its own metric)")
+    elif args.umbrella_kappa is not None:
+        ap.error("--umbrella-kappa needs --umbrella")
     shared = Path(args.shared)
     if not shared.exists():
         raise SystemExit(f"data folder {shared} not found (pass --shared)")
@@ -219,6 +242,14 @@ def main(argv=None):
                                    hold=args.hold, seed=args.seed)
             out = fit.save(Path(args.out) / name, coolest=True)
             print(json.dumps(fit.modes.summary(), indent=1))
+        elif centres is not None and args.samples > 0:
+            # lens light held at its MAP, as for plain HMC below
+            fit = fit.sample_umbrella(centres, args.samples, kappa=args.umbrella_kappa,
+                                      warmup=args.warmup, pilot=pilot, sample_lens_light=False,
+                                      hold=args.hold, seed=args.seed,
+                                      checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
+            out = fit.save(Path(args.out) / name, coolest=True)
+            print(json.dumps(fit.umbrella.summary(), indent=1))
         elif args.samples > 0:
             # lens light held at its MAP (see fit_lens(sample_lens_light=...)): with it free,
             # HMC crawls (steps ~0.02) where a Sersic index presses against its prior bound

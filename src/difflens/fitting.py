@@ -20,6 +20,7 @@ from .datasets.observation import Observation
 from .infer import MAPResult, Posterior, fit_map, sample_laplace, sample_posterior
 from .infer.importance import ModeMixture, sample_modes
 from .infer.mcmc import read_pilot
+from .infer.umbrella import Umbrella, sample_umbrella
 from .lensing import to_lenstronomy_epl
 from .model import LensModel, Priors, q_phi_to_ellipticity
 from .simulate import LENS_PARAMS, Simulator
@@ -176,6 +177,7 @@ class LensFit:
     map: MAPResult
     posterior: Posterior | None = None
     modes: ModeMixture | None = None
+    umbrella: Umbrella | None = None
 
     def summary(self) -> dict:
         """JSON-ready summary: MAP values (lens keys r_ein, q, phi, gamma, x0, y0, g1, g2 in
@@ -207,6 +209,8 @@ class LensFit:
             out["seconds"].update({k: round(v, 2) for k, v in self.posterior.seconds.items()})
         if self.modes is not None:
             out["modes"] = self.modes.summary()
+        if self.umbrella is not None:
+            out["umbrella"] = self.umbrella.summary()
         if self.observation.truth:
             out["truth"] = {k: v for k, v in self.observation.truth.items() if np.ndim(v) == 0}
         return out
@@ -309,6 +313,43 @@ class LensFit:
                     for m in maps]
         return LensFit(self.observation, self.model, self.map, mix.posterior, mix)
 
+    def sample_umbrella(self, centres, samples=1000, *, coordinate="q", kappa=None, warmup=300,
+                        chains_per_window=1, pilot=None, sample_lens_light=True, hold=(), seed=0,
+                        progress=True, checkpoint=None) -> "LensFit":
+        """This fit with a posterior from umbrella sampling along one slow coordinate
+        (:func:`difflens.infer.umbrella.sample_umbrella`).
+
+        For posteriors with one direction that chains cross only by a slow random walk (lens
+        3's q from 0.4 to 0.85, docs/real_data.md): each chain is held by a harmonic restraint
+        near one of ``centres`` (q, or a scalar sampled site named by ``coordinate``), mixes
+        fast there, and MBAR reweights all windows' draws into the posterior.  ``samples`` and
+        ``warmup`` are per chain; ``pilot`` (an earlier run's draws, unconverged is fine)
+        whitens and starts each chain at a draw near its window.  ``hold`` and
+        ``sample_lens_light`` as in :meth:`sample`; ``checkpoint`` resumes or extends a run.
+
+        Returns
+        -------
+        LensFit
+            With ``posterior`` (the reweighted draws, resampled) and ``umbrella``
+            (:class:`~difflens.infer.umbrella.Umbrella`: the windows' own chains, their
+            diagnostics, MBAR free energies and the profile along the coordinate).
+            ``summary()`` reports both; ``save`` adds ``windows.nc`` and ``profile.png``.
+
+        Examples
+        --------
+        >>> fit = fit_lens(obs)                                              # doctest: +SKIP
+        >>> fit = fit.sample_umbrella(numpy.linspace(0.4, 0.85, 10), 1000)   # doctest: +SKIP
+        >>> fit.umbrella.theta_E_se, fit.umbrella.profile()                  # doctest: +SKIP
+        """
+        model, sites = self._sampled_model(hold, sample_lens_light)
+        if pilot is not None:
+            pilot = read_pilot(pilot)
+        u = sample_umbrella(model, sites, centres, coordinate=coordinate, kappa=kappa,
+                            num_samples=samples, warmup=warmup,
+                            chains_per_window=chains_per_window, pilot=pilot, seed=seed,
+                            progress=progress, checkpoint=checkpoint)
+        return LensFit(self.observation, self.model, self.map, u.posterior, umbrella=u)
+
     def _other_modes(self, model, sites, starts, steps, seed, progress):
         """MAP fits of ``model`` from this MAP's ``sites`` with the overrides of each entry of
         ``starts`` (summary conventions), one per other mode."""
@@ -338,7 +379,9 @@ class LensFit:
 
     def save(self, out_dir, coolest=False) -> Path:
         """Write summary.json, fit.png and (when sampled) posterior.nc, corner.png and trace.png
-        (every chain's draws, :func:`difflens.plots.plot_trace`); with
+        (every chain's draws, :func:`difflens.plots.plot_trace`); after umbrella sampling also
+        windows.nc (the restrained chains, traced in trace.png) and profile.png
+        (:func:`difflens.plots.plot_umbrella_profile`); with
         ``coolest=True`` also the COOLEST model (``coolest.json`` and its FITS files, see
         :mod:`difflens.coolest`).
 
@@ -352,7 +395,7 @@ class LensFit:
 
         from ._io import atomic_directory
         from .coolest import write_coolest_files
-        from .plots import plot_corner, plot_fit, plot_trace
+        from .plots import plot_corner, plot_fit, plot_trace, plot_umbrella_profile
 
         with atomic_directory(out_dir) as tmp:
             (tmp / "summary.json").write_text(json.dumps(self.summary(), indent=1))
@@ -364,8 +407,15 @@ class LensFit:
                 fig = plot_corner(self.posterior, truths=self.observation.truth)
                 fig.savefig(tmp / "corner.png", dpi=90)
                 plt.close(fig)
-                fig = plot_trace(self.posterior)
+                # resampled draws have no chains to trace: an umbrella run traces its windows
+                fig = plot_trace(self.posterior if self.umbrella is None
+                                 else self.umbrella.windows)
                 fig.savefig(tmp / "trace.png", dpi=80)
+                plt.close(fig)
+            if self.umbrella is not None:
+                self.umbrella.windows.idata.to_netcdf(str(tmp / "windows.nc"))
+                fig = plot_umbrella_profile(self.umbrella)
+                fig.savefig(tmp / "profile.png", dpi=90)
                 plt.close(fig)
             if coolest:
                 write_coolest_files(self, tmp)

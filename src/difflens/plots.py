@@ -228,3 +228,47 @@ def plot_trace(posterior, names=("theta_E", "r_ein", "q", "phi", "gamma", "g1", 
         right.set_yticks([])
     axes[-1, 0].set_xlabel("draw (after warm-up)")
     return fig
+
+
+def plot_umbrella_profile(umbrella, quantity="theta_E", bins=30):
+    """Umbrella sampling at a glance: the posterior's profile along the restrained coordinate
+    and how ``quantity`` varies along it.
+
+    Left: ``-log p(xi)`` (nats) from the MBAR-weighted draws, with each window's centre and its
+    chain's mean.  Right: ``quantity`` (arcsec for ``theta_E``) against the coordinate, every
+    window's draws in its own colour: where the posterior's weight along the coordinate moves
+    the quantity's mean.
+
+    Parameters
+    ----------
+    umbrella : difflens.infer.umbrella.Umbrella
+    quantity : str
+        A parameter in the windows' draws.
+    bins : int
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import numpy as np
+
+    centre, energy = umbrella.profile(bins)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(centre, energy, "k.-")
+    for c, m in zip(umbrella.centres, [umbrella.xi[umbrella.window == j].mean()
+                                       for j in range(len(umbrella.centres))]):
+        a.axvline(c, color="0.85", lw=0.8, zorder=0)
+        a.plot(m, 0, "v", color="C1", ms=5)
+    a.set_xlabel(umbrella.coordinate)
+    a.set_ylabel(f"-log p({umbrella.coordinate}) [nats]")
+    a.set_title("posterior profile (MBAR); triangles: window means")
+    y = umbrella.windows.idata.posterior[quantity].values
+    for c in range(umbrella.xi.shape[0]):
+        b.plot(umbrella.xi[c], y[c], ".", ms=1.5, alpha=0.4, color=f"C{umbrella.window[c] % 10}")
+    b.set_xlabel(umbrella.coordinate)
+    b.set_ylabel(quantity)
+    w = np.exp(umbrella.log_weights)
+    b.set_title(f"{quantity}: weighted mean {np.sum(w * y):.4f} +- {umbrella.theta_E_se:.4f} (se)"
+                if quantity == "theta_E" else quantity)
+    fig.tight_layout()
+    return fig
