@@ -176,11 +176,11 @@ def main(argv=None):
             ap.error("--modes must be a JSON list of objects, e.g. '[{\"q\": 0.85}]'")
     if args.importance is not None and (starts is None or args.importance < 2):
         ap.error("--importance needs --modes and N >= 2 draws")
-    centres = None
+    windows = None                  # umbrella centres along q
     if args.umbrella is not None:
         try:
             lo, hi, k = args.umbrella.split(":")
-            centres = np.linspace(float(lo), float(hi), int(k))
+            windows = np.linspace(float(lo), float(hi), int(k))
         except ValueError:
             ap.error(f"--umbrella takes LO:HI:K, e.g. 0.4:0.85:10, got {args.umbrella!r}")
         if not (int(k) >= 2 and float(hi) > float(lo)):
@@ -242,9 +242,9 @@ def main(argv=None):
                                    hold=args.hold, seed=args.seed)
             out = fit.save(Path(args.out) / name, coolest=True)
             print(json.dumps(fit.modes.summary(), indent=1))
-        elif centres is not None and args.samples > 0:
+        elif windows is not None and args.samples > 0:
             # lens light held at its MAP, as for plain HMC below
-            fit = fit.sample_umbrella(centres, args.samples, kappa=args.umbrella_kappa,
+            fit = fit.sample_umbrella(windows, args.samples, kappa=args.umbrella_kappa,
                                       warmup=args.warmup, pilot=pilot, sample_lens_light=False,
                                       hold=args.hold, seed=args.seed,
                                       checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
