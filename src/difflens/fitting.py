@@ -324,7 +324,7 @@ class LensFit:
         near one of ``centres`` (q, or a scalar sampled site named by ``coordinate``), mixes
         fast there, and MBAR reweights all windows' draws into the posterior.  ``samples`` and
         ``warmup`` are per chain; ``pilot`` (an earlier run's draws, unconverged is fine)
-        whitens and starts each chain at a draw near its window.  ``hold`` and
+        starts each chain at a draw near its window.  ``hold`` and
         ``sample_lens_light`` as in :meth:`sample`; ``checkpoint`` resumes or extends a run.
 
         Returns
