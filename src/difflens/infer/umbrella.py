@@ -210,7 +210,7 @@ def umbrella_hmc(potential, u0, coordinate, centres, kappa, *, window=None, **hm
     groups = torch.arange(c, device=u0.device)
     draws, stats = hmc(restrained, u0, groups=groups, **hmc_kwargs)
     with torch.no_grad():
-        xi = torch.stack([coordinate(draws[:, i]) for i in range(draws.shape[1])], 1)
+        xi = coordinate(draws.reshape(-1, draws.shape[-1])).reshape(draws.shape[:2])
     return draws, xi.cpu().numpy(), window, stats
 
 
