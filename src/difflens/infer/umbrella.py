@@ -134,19 +134,22 @@ def umbrella_weights(xi, window, centres, kappa, *, tol=1e-10, max_iter=100, f0=
     return log_w - logsumexp(log_w), f
 
 
-def bootstrap_sd(values, xi, window, centres, kappa, *, blocks=10, n_boot=200, seed=0):
+def bootstrap_sd(values, xi, window, centres, kappa, *, blocks=10, n_boot=200, seed=0,
+                 f0=None):
     """Standard error of the MBAR-weighted mean of ``values`` by a moving-block bootstrap.
 
     ``values``, ``xi``: arrays (C, S), one row per chain; ``window`` (C,) each chain's window.
     Every replicate redraws each chain as ``blocks`` blocks of ``S // blocks`` consecutive
     draws at random starts (so autocorrelation shorter than a block is kept) and recomputes the
-    weights.  Returns the replicates' sd (units of ``values``).
+    weights, each replicate's MBAR starting from ``f0`` (the full sample's free energies;
+    computed when not given).  Returns the replicates' sd (units of ``values``).
     """
     values, xi = np.asarray(values, dtype=np.float64), np.asarray(xi, dtype=np.float64)
     c, s = xi.shape
     length = max(1, s // blocks)
     rng = np.random.default_rng(seed)
-    _, f0 = umbrella_weights(xi, np.repeat(window, s), centres, kappa)
+    if f0 is None:
+        _, f0 = umbrella_weights(xi, np.repeat(window, s), centres, kappa)
     means = []
     for _ in range(n_boot):
         starts = rng.integers(0, s - length + 1, size=(c, blocks))
@@ -411,7 +414,8 @@ def sample_umbrella(model, init, centres, *, coordinate="q", kappa=None, num_sam
                for n in SUMMARISED if np.ptp(post[n].values) > 0]
         rhat[j], ess[j] = max(r for r, _ in per), min(e for _, e in per)
     theta_e = post["theta_E"].values
-    se = (bootstrap_sd(theta_e, xi, window, centres, kappa, n_boot=bootstrap, seed=seed)
+    se = (bootstrap_sd(theta_e, xi, window, centres, kappa, n_boot=bootstrap, seed=seed,
+                       f0=free)
           if bootstrap else float("nan"))
     w = np.exp(log_w.ravel())
     n = chains * num_samples
