@@ -150,6 +150,13 @@ def main(argv=None):
                          "1/spacing^2)")
     ap.add_argument("--device", default="cpu",
                     help="cpu or cuda: where the MAP and the chains run (fit_lens(device=))")
+    ap.add_argument("--float32", action="store_true",
+                    help="compute in float32 instead of float64 (fit_lens(dtype=)): half the "
+                         "time and memory; log densities agree to ~0.01 nats on these lenses")
+    ap.add_argument("--compile", action="store_true",
+                    help="run the simulator as one torch.compile-d graph (fit_lens(compile=); "
+                         "needs a C compiler; pays with --float32: ~3x faster than float64 "
+                         "eager on lens 3)")
     ap.add_argument("--shared", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--out", default=str(HERE / "output" / "real_lenses"))
     args = ap.parse_args(argv)
@@ -233,6 +240,8 @@ def main(argv=None):
                        restarts=args.restarts, finals=args.finals,
                        encode_source=not args.no_source_start, samples=0, seed=args.seed,
                        source_interpolation=args.source_interpolation, device=args.device,
+                       dtype=torch.float32 if args.float32 else torch.float64,
+                       compile=args.compile,
                        init=Path(args.init_from) / name if args.init_from else None)
         out = fit.save(Path(args.out) / name, coolest=True)
         print(fit.table(), flush=True)

@@ -100,6 +100,8 @@ def _correction(args):
 
 
 def _cmd_fit(args):
+    import torch
+
     from .datasets.observation import read_observation
     from .fitting import fit_lens
 
@@ -123,7 +125,9 @@ def _cmd_fit(args):
                    pilot=args.pilot, pilot_flow=args.pilot_flow,
                    source_interpolation=args.source_interpolation,
                    marginalise_amplitudes=args.marginalise_amplitudes,
-                   source_correction=_correction(args), device=args.device)
+                   source_correction=_correction(args), device=args.device,
+                   dtype=torch.float32 if args.float32 else torch.float64,
+                   compile=args.compile)
     fit.save(args.out, coolest=args.coolest)
     print(fit.table())
     print(f"\nwrote {args.out}/summary.json, fit.png" +
@@ -264,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "sample in its latent space (NeuTra), for curved ridges")
     p.add_argument("--device", default="cpu",
                    help="where the fit runs: cpu, cuda, cuda:1 (the whole fit on one GPU)")
+    p.add_argument("--float32", action="store_true",
+                   help="compute in float32 instead of float64: half the time and memory "
+                        "(log densities agree to ~0.01 nats on the HST lenses of docs/)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the simulator as one torch.compile-d graph (needs a C compiler; "
+                        "20-40 s to compile per batch size; ~3x faster with --float32)")
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("demo", help="simulate a mock with the VAE source, fit, sample, plot")

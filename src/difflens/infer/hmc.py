@@ -50,6 +50,9 @@ class FlatSites:
     init_strategy : callable, optional
         Pyro initialisation strategy giving the starting point :attr:`start` (default: prior
         medians).
+    dtype : torch.dtype, optional
+        Precision of the flat vectors (default: that of ``model.data``, else of the sites), for
+        models wrapped by a poutine, which carry no data of their own.
 
     Attributes
     ----------
@@ -58,8 +61,8 @@ class FlatSites:
     transforms : dict of str -> Transform
         Constrained -> unconstrained transform per site (from Pyro's ``initialize_model``).
     start : Tensor (D,)
-        The initial point, unconstrained and flattened, in the dtype of ``model.data`` when the
-        model has one.
+        The initial point, unconstrained and flattened, in ``dtype`` if given, else in the
+        dtype of ``model.data`` when the model has one.
 
     Examples
     --------
@@ -79,7 +82,7 @@ class FlatSites:
     torch.Size([3])
     """
 
-    def __init__(self, model, init_strategy=None):
+    def __init__(self, model, init_strategy=None, dtype=None):
         from pyro.infer.autoguide.initialization import init_to_median
         from pyro.infer.mcmc.util import initialize_model
 
@@ -89,8 +92,11 @@ class FlatSites:
         self.shapes = [params[n].shape for n in self.names]
         self.sizes = [int(params[n].numel()) for n in self.names]
         # the model's working precision (priors may hold float64 constants while a float32 model
-        # computes in float32; a concatenation would promote everything to float64)
-        dtype = getattr(getattr(model, "data", None), "dtype", None) or params[self.names[0]].dtype
+        # computes in float32; a concatenation would promote everything to float64); a model
+        # wrapped by a poutine (no data of its own) names it through ``dtype``
+        data_dtype = getattr(getattr(model, "data", None), "dtype", None)
+        dtype = dtype or (data_dtype if isinstance(data_dtype, torch.dtype) else None) \
+            or params[self.names[0]].dtype
         self.start = torch.cat([params[n].detach().to(dtype).reshape(-1) for n in self.names])
 
     def potential(self, model, jacobian=True):
@@ -402,7 +408,9 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         p = torch.randn(v.shape, generator=gen, **kw)
         h0 = pot + 0.5 * (p * p).sum(1)
         vn, pn, gn = v, p, grad
-        step = eps[:, None]
+        # positions move in the model's precision (a float32 model's potential is float64:
+        # float32 pixels plus float64 prior terms, and so is the step adapted from it)
+        step = eps[:, None].to(v.dtype)
         pn = pn - 0.5 * step * gn                  # leapfrog (Neal 2011, eqs. 5.18-5.20)
         lost = torch.zeros(c, dtype=torch.bool, device=v.device)
         for k in range(n_steps):

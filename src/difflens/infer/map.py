@@ -250,7 +250,7 @@ def fit_map(model: LensModel, *, steps=400, lr=0.03, lr_final_fraction=0.02, res
     light = {k: _inside(priors[k], model.tensor(v)) for k, v in guess.items()
              if k.startswith("light") and k in model.site_names()}
     searched = pyro.poutine.condition(model, data=light) if light else model
-    search_space = FlatSites(searched)
+    search_space = FlatSites(searched, dtype=model.dtype)
     search = _map_objective(search_space, searched)
 
     def short_runs(starts, desc):
@@ -524,7 +524,9 @@ def _adam_rows(objective, u0, steps, lr, lr_final_fraction, tol, window, chunk, 
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     decay = lr_final_fraction ** (1.0 / max(steps, 1))
     history = np.full((steps, n), np.nan)
-    best_val = torch.full((n,), math.inf, dtype=u.dtype, device=u.device)
+    # losses in float64 whatever the model's precision (a float32 model's potential mixes
+    # float32 pixels with float64 prior terms)
+    best_val = torch.full((n,), math.inf, dtype=torch.float64, device=u.device)
     best_u = u.clone()
     active = torch.ones(n, dtype=torch.bool, device="cpu")      # which rows still move (host)
     bar = None
@@ -573,7 +575,7 @@ def _rows_value_and_grad(objective, u, rows, chunk):
         x = u[part].detach().requires_grad_(True)
         val = objective(part)(x)
         g, = torch.autograd.grad(val.sum(), x)
-        values.append(val.detach())
+        values.append(val.detach().to(torch.float64))
         grads.append(g)
     return torch.cat(values), torch.cat(grads)
 
