@@ -21,6 +21,19 @@ def median_ms(fn, runs=20, warmup=3):
     return 1e3 * statistics.median(times)
 
 
+def synchronised(fn, device):
+    """``fn`` that waits for a GPU to finish, so wall times measure the work."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

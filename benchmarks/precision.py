@@ -12,7 +12,7 @@ scatter (0.02 in Pyro's unconstrained coordinates) around an earlier fit of the 
 ``--radius theta_E``), else around the prior medians, where the fit is poor and |dU| larger.
 
     python benchmarks/precision.py [--shared ../shared/data] [--at DIR] [--runs 5]
-                                   [--out FILE.json]
+                                   [--batches 1 4 8] [--device cpu] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import header, median_ms  # noqa: E402
+from _common import header, median_ms, synchronised  # noqa: E402
 
 from difflens.datasets.mocks import simulate_mock  # noqa: E402
 from difflens.datasets.observation import read_observation  # noqa: E402
@@ -49,7 +49,7 @@ def points(model, batch, at=None, seed=0):
     space = FlatSites(model, init_strategy=init_to_value(values=values, fallback=init_to_median))
     gen = torch.Generator().manual_seed(seed)
     jitter = 0.02 * torch.randn(batch, space.start.numel(), generator=gen, dtype=torch.float64)
-    return space, space.start.double() + jitter
+    return space, space.start.double() + jitter.to(space.start.device)
 
 
 def value_and_grad(model, space, u, batch):
@@ -72,9 +72,11 @@ def main(argv=None):
                          "the points around")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    info = header(torch.device("cpu"))
+    device = torch.device(args.device)
+    info = header(device)
     name, obs = observation(Path(args.shared))
     lens_light = 2 if name.startswith("HST") else 0
     rows = []
@@ -86,11 +88,12 @@ def main(argv=None):
         for compiled in (False, True):
             priors = Priors.default("vae", lens_light=lens_light,
                                     flux_scale=data_flux_scale(obs)).with_theta_E()
-            model = build_model(obs, source="vae", priors=priors, dtype=dtype, compile=compiled)
+            model = build_model(obs, source="vae", priors=priors, dtype=dtype, compile=compiled,
+                                device=device)
             for batch in args.batches:
                 space, u = points(model, batch, args.at)
                 call = value_and_grad(model, space, u, batch)
-                ms = median_ms(call, runs=args.runs, warmup=2)
+                ms = median_ms(synchronised(call, device), runs=args.runs, warmup=2)
                 val, grad = call()
                 row = dict(dtype=str(dtype).split(".")[1], compiled=compiled, batch=batch,
                            ms=round(ms, 2), ms_per_chain=round(ms / batch, 2))
