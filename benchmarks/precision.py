@@ -42,14 +42,16 @@ def observation(shared: Path):
     return "mock, VAE source", simulate_mock(1, noise_sigma=0.05, npix=128, pixel_scale=0.04)
 
 
-def points(model, batch, at=None, seed=0):
-    """``batch`` unconstrained points near the fit ``at`` (default: the prior medians), the same
-    for every dtype."""
+def points(model, batches, at=None, seed=0):
+    """``{B: (B, D)}`` unconstrained float64 points near the fit ``at`` (default: the prior
+    medians) in the layout of ``model``; every variant is evaluated at these same points."""
     values = {} if at is None else start_from_summary(model, at)
-    space = FlatSites(model, init_strategy=init_to_value(values=values, fallback=init_to_median))
+    start = FlatSites(model, init_strategy=init_to_value(values=values,
+                                                         fallback=init_to_median)).start
     gen = torch.Generator().manual_seed(seed)
-    jitter = 0.02 * torch.randn(batch, space.start.numel(), generator=gen, dtype=torch.float64)
-    return space, space.start.double() + jitter.to(space.start.device)
+    return {b: start.double() + 0.02 * torch.randn(b, start.numel(), generator=gen,
+                                                   dtype=torch.float64).to(start.device)
+            for b in batches}
 
 
 def value_and_grad(model, space, u, batch):
@@ -81,6 +83,7 @@ def main(argv=None):
     lens_light = 2 if name.startswith("HST") else 0
     rows = []
     reference = {}
+    scattered = None                # the points, made once by the first (float64) model
     print(f"{name}: {obs.shape[0]}x{obs.shape[1]} px")
     print(f"{'dtype':8s} {'compiled':8s} {'batch':>5s} {'ms':>8s} {'ms/chain':>8s} "
           f"{'max|dU|':>8s} {'grad rel':>8s}")
@@ -90,9 +93,10 @@ def main(argv=None):
                                     flux_scale=data_flux_scale(obs)).with_theta_E()
             model = build_model(obs, source="vae", priors=priors, dtype=dtype, compile=compiled,
                                 device=device)
+            scattered = scattered or points(model, args.batches, args.at)
+            space = FlatSites(model)                             # the layout, in this dtype
             for batch in args.batches:
-                space, u = points(model, batch, args.at)
-                call = value_and_grad(model, space, u, batch)
+                call = value_and_grad(model, space, scattered[batch], batch)
                 ms = median_ms(synchronised(call, device), runs=args.runs, warmup=2)
                 val, grad = call()
                 row = dict(dtype=str(dtype).split(".")[1], compiled=compiled, batch=batch,

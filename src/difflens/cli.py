@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the fit runs: cpu, cuda, cuda:1 (the whole fit on one GPU)")
     p.add_argument("--float32", action="store_true",
                    help="compute in float32 instead of float64: half the time and memory "
-                        "(the log posterior of HST lens 3 moves by < 0.01 nats)")
+                        "(the log posterior of HST lens 3 moves by <= 0.013 nats)")
     p.add_argument("--compile", action="store_true",
                    help="run the simulator as one torch.compile-d graph (needs a C compiler; "
                         "20-40 s to compile per batch size; ~3x faster with --float32)")

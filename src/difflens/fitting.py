@@ -100,9 +100,9 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
     compile : bool
         Ray tracing, source reading, lens light and PSF as one ``torch.compile``-d graph
         (:class:`~difflens.simulate.Simulator`; needs a C compiler on CPU).  Pays in float32:
-        on lens 3 of docs/real_data.md a potential + gradient of 8 chains costs 51 ms against
-        83 ms eager and 163 ms in float64 (2-core CPU, benchmarks/RESULTS.md), after a
-        one-off compilation of 20-40 s per batch size.
+        on lens 3 of docs/real_data.md a potential + gradient of 8 chains costs 51-55 ms
+        against 83-102 ms eager and 159-163 ms in float64 (2-core CPU,
+        benchmarks/RESULTS.md), after a one-off compilation of 20-40 s per batch size.
 
     Examples
     --------

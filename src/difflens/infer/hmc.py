@@ -94,9 +94,8 @@ class FlatSites:
         # the model's working precision (priors may hold float64 constants while a float32 model
         # computes in float32; a concatenation would promote everything to float64); a model
         # wrapped by a poutine (no data of its own) names it through ``dtype``
-        data_dtype = getattr(getattr(model, "data", None), "dtype", None)
-        dtype = dtype or (data_dtype if isinstance(data_dtype, torch.dtype) else None) \
-            or params[self.names[0]].dtype
+        dtype = (dtype or getattr(getattr(model, "data", None), "dtype", None)
+                 or params[self.names[0]].dtype)
         self.start = torch.cat([params[n].detach().to(dtype).reshape(-1) for n in self.names])
 
     def potential(self, model, jacobian=True):
