@@ -14,8 +14,9 @@ For each lens the script writes ``summary.json``, ``fit.png`` (data, model, norm
 source), ``corner.png``, ``trace.png`` (every chain's draws), ``posterior.nc`` and the COOLEST
 model (``coolest.json`` + FITS files, pixel frame) under ``--out/NAME`` and prints reduced chi^2
 and r_ein / theta_E with posterior sd.
-The HMC state is checkpointed to ``--out/NAME.hmc-checkpoint.pt``: rerun the same command to
-resume an interrupted run, or with a larger ``--samples`` to extend chains that have not
+The HMC state is checkpointed to ``--out/NAME.hmc-checkpoint.pt``, and the MAP the chains
+started from beside it (``.map.pt``, read instead of searched again on a rerun, so float32 and
+compiled runs resume too): rerun the same command to resume an interrupted run, or with a larger ``--samples`` to extend chains that have not
 converged (the draws are those of one longer run), or with a smaller one (at least the draws
 the checkpoint holds) to end an interrupted run early with the draws it has.
 With ``--modes`` (a JSON list of overrides of the MAP naming other basins of the posterior) the
@@ -235,14 +236,17 @@ def main(argv=None):
             priors = priors.with_amplitudes_marginalised()
         if args.source_correction is not None:
             priors = priors.with_source_correction(args.source_correction)
-        # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP)
+        # MAP first, saved at once (a long sampling run that is interrupted keeps the MAP); a
+        # rerun reads the MAP kept beside the HMC checkpoint instead of searching again
+        checkpoint = Path(args.out) / f"{name}.hmc-checkpoint.pt"
         fit = fit_lens(obs, source=args.source, priors=priors, steps=args.steps,
                        restarts=args.restarts, finals=args.finals,
                        encode_source=not args.no_source_start, samples=0, seed=args.seed,
                        source_interpolation=args.source_interpolation, device=args.device,
                        dtype=torch.float32 if args.float32 else torch.float64,
                        compile=args.compile,
-                       init=Path(args.init_from) / name if args.init_from else None)
+                       init=Path(args.init_from) / name if args.init_from else None,
+                       checkpoint=checkpoint if args.samples > 0 else None)
         out = fit.save(Path(args.out) / name, coolest=True)
         print(fit.table(), flush=True)
         if args.importance:
@@ -256,19 +260,19 @@ def main(argv=None):
             fit = fit.sample_umbrella(windows, args.samples, kappa=args.umbrella_kappa,
                                       warmup=args.warmup, pilot=pilot, sample_lens_light=False,
                                       hold=args.hold, seed=args.seed,
-                                      checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
+                                      checkpoint=checkpoint)
             out = fit.save(Path(args.out) / name, coolest=True)
             print(json.dumps(fit.umbrella.summary(), indent=1))
         elif args.samples > 0:
             # lens light held at its MAP (see fit_lens(sample_lens_light=...)): with it free,
             # HMC crawls (steps ~0.02) where a Sersic index presses against its prior bound
             # the sampler's state is kept beside the results: rerunning the same command resumes
-            # an interrupted run (the MAP is recomputed, identically, from the same seed)
+            # an interrupted run, from the MAP kept beside its checkpoint
             fit = fit.sample(args.samples, warmup=args.warmup, chains=args.chains,
                              sample_lens_light=False, hold=args.hold, seed=args.seed,
                              per_chain_metric=args.per_chain_metric, pilot=pilot,
                              pilot_flow=args.pilot_flow, modes=starts or (),
-                             checkpoint=Path(args.out) / f"{name}.hmc-checkpoint.pt")
+                             checkpoint=checkpoint)
             out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()
         line = {"reduced_chi2": round(s["reduced_chi2"], 3),

@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="file for the HMC state (--sampler hmc): rerunning the same command "
                         "resumes an interrupted run from it, with the same draws; rerunning it "
-                        "with a larger --samples extends the chains")
+                        "with a larger --samples extends the chains; the MAP the chains "
+                        "started from is kept beside it (FILE.map.pt) and read, not searched "
+                        "again, on a rerun")
     p.add_argument("--pilot", default=None, metavar="NC",
                    help="posterior.nc of an earlier run of the same fit (--sampler hmc): its "
                         "draws' covariance whitens the sampler and its draws start the chains, "

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._io import atomic_path
 from .datasets.observation import Observation
 from .infer import MAPResult, Posterior, fit_map, sample_laplace, sample_posterior
 from .infer.importance import ModeMixture, sample_modes
+from .infer.map import summarise_map
 from .infer.mcmc import read_pilot
 from .infer.umbrella import Umbrella, sample_umbrella
 from .lensing import to_lenstronomy_epl
@@ -34,6 +36,48 @@ def _source_model(source):
 
         return load_default_vae(with_encoder=True)     # the encoder starts the MAP's source
     return source
+
+
+def _kept_map_path(checkpoint) -> Path:
+    """Where the MAP an HMC run started from is kept: beside its ``checkpoint``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".map.pt")
+
+
+def _keep_map(checkpoint, result: MAPResult):
+    """Write the sampled sites of ``result`` beside ``checkpoint`` (atomically), with its loss
+    history, restart losses and wall time, so that a resumed run starts from this MAP."""
+    kept = {"values": {k: v.detach().cpu() for k, v in result.sample_sites().items()},
+            "loss_history": torch.as_tensor(result.loss_history),
+            "restart_losses": torch.tensor(list(result.restart_losses), dtype=torch.float64),
+            "seconds": float(result.seconds)}
+    with atomic_path(_kept_map_path(checkpoint)) as tmp:
+        torch.save(kept, tmp)
+
+
+def _kept_map(model: LensModel, checkpoint):
+    """The MAP kept beside ``checkpoint`` by :func:`_keep_map`, evaluated on ``model`` (a
+    :class:`MAPResult`), or None where none is kept."""
+    path = _kept_map_path(checkpoint)
+    if not path.exists():
+        return None
+    try:
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+        values = kept["values"]
+    except Exception as exc:
+        raise ValueError(f"{path} (the MAP that HMC checkpoint {Path(checkpoint).name} started "
+                         f"from) cannot be read ({exc}); delete both to start afresh") from exc
+    vectors = model.latent_start()
+    expected = {k: tuple(vectors[k].shape) if k in vectors else () for k in model.site_names()}
+    found = {k: tuple(v.shape) for k, v in values.items()}
+    if found != expected:
+        raise ValueError(f"{path} holds a MAP of another model (sites and shapes {found}, this "
+                         f"model has {expected}); delete it and the checkpoint, or choose "
+                         "another checkpoint path")
+    result = summarise_map(model, {k: model.tensor(v) for k, v in values.items()},
+                           kept["loss_history"].numpy(), kept["restart_losses"].tolist())
+    result.seconds = kept["seconds"]
+    return result
 
 
 def data_flux_scale(obs: Observation) -> float:
@@ -265,6 +309,8 @@ class LensFit:
         >>> fit.save("out")                                                   # doctest: +SKIP
         >>> fit = fit.sample(300, chains=4); fit.save("out")                  # doctest: +SKIP
         """
+        if checkpoint is not None and sampler == "hmc":
+            self._keep_map_beside(checkpoint)
         model, sites = self._sampled_model(hold, sample_lens_light)
         if sampler == "laplace":
             if (checkpoint is not None or per_chain_metric or pilot is not None or pilot_flow
@@ -348,6 +394,8 @@ class LensFit:
         >>> fit = fit.sample_umbrella(numpy.linspace(0.4, 0.85, 10), 1000)   # doctest: +SKIP
         >>> fit.umbrella.theta_E_se, fit.umbrella.profile()                  # doctest: +SKIP
         """
+        if checkpoint is not None:
+            self._keep_map_beside(checkpoint)
         model, sites = self._sampled_model(hold, sample_lens_light)
         if pilot is not None:
             pilot = read_pilot(pilot)
@@ -356,6 +404,24 @@ class LensFit:
                             chains_per_window=chains_per_window, pilot=pilot, seed=seed,
                             progress=progress, checkpoint=checkpoint)
         return LensFit(self.observation, self.model, self.map, u.posterior, umbrella=u)
+
+    def _keep_map_beside(self, checkpoint):
+        """Keep this fit's MAP beside the HMC ``checkpoint`` (``<checkpoint>.map.pt``), or check
+        that it is the MAP kept there: the chains' start and whitening, and the values of held
+        sites, follow from the MAP, so a run resumes only from the MAP it started from."""
+        kept = _kept_map(self.model, checkpoint)
+        if kept is None:
+            if not Path(checkpoint).exists():   # a fresh run (older ones kept no MAP: their
+                _keep_map(checkpoint, self.map) # own check refuses another start)
+            return
+        ours = self.map.sample_sites()
+        if any(not torch.equal(kept.params[k].cpu().double(), ours[k].detach().cpu().double())
+               for k in ours):
+            raise ValueError(f"HMC checkpoint {checkpoint} started from another MAP, kept in "
+                             f"{_kept_map_path(checkpoint).name}: pass checkpoint= to fit_lens "
+                             "too, which then reads that MAP instead of searching again (the "
+                             "search is not bit-reproducible in float32 or compiled), or delete "
+                             "both files to start afresh")
 
     def _other_modes(self, model, sites, starts, steps, seed, progress):
         """MAP fits of ``model`` from this MAP's ``sites`` with the overrides of each entry of
@@ -522,7 +588,10 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         folder), converted by :func:`start_from_summary`.
     checkpoint : str or Path, optional
         HMC state file: the sampler saves its state there as it runs, and the same call resumes
-        an interrupted run from it (same draws).
+        an interrupted run from it (same draws).  The MAP the run started from is kept beside
+        it (``<checkpoint>.map.pt``); where that file exists the MAP is read from it instead of
+        searched again (``steps``, ``restarts``, ``init`` ... then unused), so runs whose MAP
+        search is not bit-reproducible (float32, ``compile``) resume too.
     pilot : Posterior, arviz.InferenceData or str / Path, optional
         HMC only: an earlier posterior of the same model (e.g. its ``posterior.nc``) whose
         draws' covariance whitens the sampler in place of the Laplace approximation, with
@@ -562,8 +631,12 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
     model.check_site_names(hold, "hold")           # before the MAP, not after it
     if init is not None and not isinstance(init, dict):
         init = start_from_summary(model, init)
-    result = fit_map(model, steps=steps, restarts=restarts, finals=finals,
-                     encode_source=encode_source, seed=seed, progress=progress, init=init)
+    result = None if checkpoint is None else _kept_map(model, checkpoint)
+    if result is None:
+        result = fit_map(model, steps=steps, restarts=restarts, finals=finals,
+                         encode_source=encode_source, seed=seed, progress=progress, init=init)
+    elif progress:
+        print(f"MAP read from {_kept_map_path(checkpoint)} (the run being resumed started there)")
     fit = LensFit(obs, model, result)
     if samples > 0:
         fit = fit.sample(samples, warmup=warmup, chains=chains, sampler=sampler,

@@ -230,3 +230,36 @@ def test_combined_runs_show_chains_that_disagree(tmp_path):
         combine_posteriors([a, tmp_path / "missing.nc"])
     with pytest.raises(ValueError, match="at least one"):
         combine_posteriors([])
+
+
+def test_a_resumed_run_reads_the_map_kept_beside_its_checkpoint(tmp_path):
+    """The MAP an HMC run started from is kept beside its checkpoint, and a rerun reads it
+    instead of searching again: a rerun whose search would end elsewhere (here: 3 Adam steps
+    instead of 80) gives the first run's MAP and draws; sampling from another MAP with that
+    checkpoint, a kept file of another model and an unreadable one are refused."""
+    from difflens.datasets.mocks import simulate_mock
+    from difflens.fitting import fit_lens
+
+    obs = simulate_mock(5, noise_sigma=0.05, npix=32, pixel_scale=0.2, source="sersic")
+    path = tmp_path / "hmc.pt"
+    kw = dict(source="sersic", restarts=1, samples=6, warmup=6, chains=2, progress=False,
+              checkpoint=path)
+    first = fit_lens(obs, steps=80, **kw)
+    kept = tmp_path / "hmc.pt.map.pt"
+    assert kept.exists()
+    again = fit_lens(obs, steps=3, **kw)
+    for k, v in first.map.sample_sites().items():
+        assert torch.equal(again.map.params[k], v), k
+    assert again.map.log_posterior == first.map.log_posterior
+    a, b = (f.posterior.idata.posterior for f in (first, again))
+    assert np.array_equal(a["gamma"].values, b["gamma"].values)
+    # the search from 3 steps does end elsewhere: sampling from it with that checkpoint is refused
+    elsewhere = fit_lens(obs, steps=3, source="sersic", restarts=1, progress=False)
+    assert float(elsewhere.map.params["r_ein"]) != float(first.map.params["r_ein"])
+    with pytest.raises(ValueError, match="started from another MAP"):
+        elsewhere.sample(6, warmup=6, chains=2, progress=False, checkpoint=path)
+    with pytest.raises(ValueError, match="MAP of another model"):
+        fit_lens(obs, lens_light=1, **kw)                 # before any MAP work
+    kept.write_bytes(b"not a MAP")
+    with pytest.raises(ValueError, match="cannot be read"):
+        fit_lens(obs, steps=3, **kw)
