@@ -288,6 +288,10 @@ class LensFit:
         """This fit with a posterior sampled from its MAP (see :func:`fit_lens` for the
         arguments); the MAP can be saved before a long sampling run starts.
 
+        With ``checkpoint`` (HMC only) this fit's MAP is kept beside it
+        (``<checkpoint>.map.pt``), so that a rerun of :func:`fit_lens` with the same checkpoint
+        starts from it again; sampling from another MAP with that checkpoint is refused.
+
         ``hold`` names further scalar sites held at their MAP values while sampling (e.g.
         ``("src_s",)``: the VAE stamp's half-width, which trades off against the size of the
         galaxy drawn in the latent); the posterior is then conditional on them.
