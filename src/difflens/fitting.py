@@ -70,10 +70,12 @@ def _kept_map(model: LensModel, checkpoint):
     vectors = model.latent_start()
     expected = {k: tuple(vectors[k].shape) if k in vectors else () for k in model.site_names()}
     found = {k: tuple(v.shape) for k, v in values.items()}
-    if found != expected:
-        raise ValueError(f"{path} holds a MAP of another model (sites and shapes {found}, this "
-                         f"model has {expected}); delete it and the checkpoint, or choose "
-                         "another checkpoint path")
+    differ = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))
+    if differ:
+        raise ValueError(f"{path} holds a MAP of another model (sites {differ} differ: kept "
+                         f"{ {k: found.get(k, 'absent') for k in differ} }, this model "
+                         f"{ {k: expected.get(k, 'absent') for k in differ} }); delete it and the "
+                         "checkpoint, or choose another checkpoint path")
     result = summarise_map(model, {k: model.tensor(v) for k, v in values.items()},
                            kept["loss_history"].numpy(), kept["restart_losses"].tolist())
     result.seconds = kept["seconds"]
