@@ -16,9 +16,10 @@ model (``coolest.json`` + FITS files, pixel frame) under ``--out/NAME`` and prin
 and r_ein / theta_E with posterior sd.
 The HMC state is checkpointed to ``--out/NAME.hmc-checkpoint.pt``, and the MAP the chains
 started from beside it (``.map.pt``, read instead of searched again on a rerun, so float32 and
-compiled runs resume too): rerun the same command to resume an interrupted run, or with a larger ``--samples`` to extend chains that have not
-converged (the draws are those of one longer run), or with a smaller one (at least the draws
-the checkpoint holds) to end an interrupted run early with the draws it has.
+compiled runs resume too): rerun the same command to resume an interrupted run, or with a
+larger ``--samples`` to extend chains that have not converged (the draws are those of one
+longer run), or with a smaller one (at least the draws the checkpoint holds) to end an
+interrupted run early with the draws it has.
 With ``--modes`` (a JSON list of overrides of the MAP naming other basins of the posterior) the
 chains also jump between the basins' modes (``LensFit.sample(modes=)``), or with
 ``--importance N`` the posterior is importance-sampled over them instead (``LensFit.sample_modes``).

@@ -417,8 +417,10 @@ class LensFit:
         sites, follow from the MAP, so a run resumes only from the MAP it started from."""
         kept = _kept_map(self.model, checkpoint)
         if kept is None:
-            if not Path(checkpoint).exists():   # a fresh run (older ones kept no MAP: their
-                _keep_map(checkpoint, self.map) # own check refuses another start)
+            # only a fresh run keeps its MAP: a checkpoint written before MAPs were kept has
+            # none, and its own check (u0, start_potential) refuses another start
+            if not Path(checkpoint).exists():
+                _keep_map(checkpoint, self.map)
             return
         ours = self.map.sample_sites()
         if any(not torch.equal(kept.params[k].cpu().double(), ours[k].detach().cpu().double())
