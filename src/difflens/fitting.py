@@ -55,9 +55,9 @@ def _keep_map(checkpoint, result: MAPResult):
         torch.save(kept, tmp)
 
 
-def _kept_map(model: LensModel, checkpoint):
-    """The MAP kept beside ``checkpoint`` by :func:`_keep_map`, evaluated on ``model`` (a
-    :class:`MAPResult`), or None where none is kept."""
+def _kept(model: LensModel, checkpoint):
+    """What :func:`_keep_map` wrote beside ``checkpoint``, checked against the sites of
+    ``model``, or None where nothing is kept."""
     path = _kept_map_path(checkpoint)
     if not path.exists():
         return None
@@ -76,7 +76,16 @@ def _kept_map(model: LensModel, checkpoint):
                          f"{ {k: found.get(k, 'absent') for k in differ} }, this model "
                          f"{ {k: expected.get(k, 'absent') for k in differ} }); delete it and the "
                          "checkpoint, or choose another checkpoint path")
-    result = summarise_map(model, {k: model.tensor(v) for k, v in values.items()},
+    return kept
+
+
+def _kept_map(model: LensModel, checkpoint):
+    """The MAP kept beside ``checkpoint`` by :func:`_keep_map`, evaluated on ``model`` (a
+    :class:`MAPResult`), or None where none is kept."""
+    kept = _kept(model, checkpoint)
+    if kept is None:
+        return None
+    result = summarise_map(model, {k: model.tensor(v) for k, v in kept["values"].items()},
                            kept["loss_history"].numpy(), kept["restart_losses"].tolist())
     result.seconds = kept["seconds"]
     return result
@@ -415,7 +424,7 @@ class LensFit:
         """Keep this fit's MAP beside the HMC ``checkpoint`` (``<checkpoint>.map.pt``), or check
         that it is the MAP kept there: the chains' start and whitening, and the values of held
         sites, follow from the MAP, so a run resumes only from the MAP it started from."""
-        kept = _kept_map(self.model, checkpoint)
+        kept = _kept(self.model, checkpoint)
         if kept is None:
             # only a fresh run keeps its MAP: a checkpoint written before MAPs were kept has
             # none, and its own check (u0, start_potential) refuses another start
@@ -423,7 +432,7 @@ class LensFit:
                 _keep_map(checkpoint, self.map)
             return
         ours = self.map.sample_sites()
-        if any(not torch.equal(kept.params[k].cpu().double(), ours[k].detach().cpu().double())
+        if any(not torch.equal(kept["values"][k].double(), ours[k].detach().cpu().double())
                for k in ours):
             raise ValueError(f"HMC checkpoint {checkpoint} started from another MAP, kept in "
                              f"{_kept_map_path(checkpoint).name}: pass checkpoint= to fit_lens "
