@@ -23,6 +23,8 @@ interrupted run early with the draws it has.
 With ``--modes`` (a JSON list of overrides of the MAP naming other basins of the posterior) the
 chains also jump between the basins' modes (``LensFit.sample(modes=)``), or with
 ``--importance N`` the posterior is importance-sampled over them instead (``LensFit.sample_modes``).
+With ``--tempering K`` each chain is a ladder of K chains at rising temperatures that exchange
+positions (parallel tempering, ``LensFit.sample(tempering=)``).
 
 Coordinates are the pixel frame (x along columns, y along rows, arcsec from the cutout centre), not
 RA/Dec: position angles are mirrored with respect to the sky for these images.
@@ -138,6 +140,10 @@ def main(argv=None):
                          "values, e.g. '[{\"q\": 0.6, \"r_ein\": 1.65}]': each is fitted to "
                          "its own MAP and HMC adds mode-jumping moves between all of them "
                          "(LensFit.sample(modes=)), which weigh basins chains cross too rarely")
+    ap.add_argument("--tempering", type=int, default=None, metavar="K",
+                    help="parallel tempering: each of --chains becomes a ladder of K chains at "
+                         "rising temperatures exchanging positions (LensFit.sample("
+                         "tempering=K); K times the cost); the posterior keeps the coldest")
     ap.add_argument("--importance", type=int, default=None, metavar="N",
                     help="with --modes: instead of HMC, N importance-sampling draws from "
                          "Laplace approximations at the modes (LensFit.sample_modes; its PSIS "
@@ -273,7 +279,7 @@ def main(argv=None):
                              sample_lens_light=False, hold=args.hold, seed=args.seed,
                              per_chain_metric=args.per_chain_metric, pilot=pilot,
                              pilot_flow=args.pilot_flow, modes=starts or (),
-                             checkpoint=checkpoint)
+                             tempering=args.tempering, checkpoint=checkpoint)
             out = fit.save(Path(args.out) / name, coolest=True)
         s = fit.summary()
         line = {"reduced_chi2": round(s["reduced_chi2"], 3),

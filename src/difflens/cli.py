@@ -122,7 +122,7 @@ def _cmd_fit(args):
                    warmup=args.warmup, chains=args.chains, sampler=args.sampler,
                    sample_lens_light=not args.hold_lens_light, hold=args.hold or (),
                    seed=args.seed, init=args.init_from, checkpoint=args.checkpoint,
-                   pilot=args.pilot, pilot_flow=args.pilot_flow,
+                   pilot=args.pilot, pilot_flow=args.pilot_flow, tempering=args.tempering,
                    source_interpolation=args.source_interpolation,
                    marginalise_amplitudes=args.marginalise_amplitudes,
                    source_correction=_correction(args), device=args.device,
@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="posterior.nc of an earlier run of the same fit (--sampler hmc): its "
                         "draws' covariance whitens the sampler and its draws start the chains, "
                         "for posteriors whose warm-up cannot measure their width")
+    p.add_argument("--tempering", type=int, default=None, metavar="K",
+                   help="parallel tempering (--sampler hmc): each chain becomes a ladder of K "
+                        "chains at rising temperatures that exchange positions (K times the "
+                        "cost), for modes or ridge ends plain chains cross too rarely; the "
+                        "summary reports exchange rates and round trips")
     p.add_argument("--source-interpolation", choices=("bilinear", "cubic"),
                    default="bilinear",
                    help="how the VAE stamp is read between its pixels: cubic gives the "

@@ -269,6 +269,8 @@ class LensFit:
         if self.posterior is not None:
             out["posterior"] = self.posterior.summary()
             out["seconds"].update({k: round(v, 2) for k, v in self.posterior.seconds.items()})
+            if self.posterior.tempering:
+                out["tempering"] = dict(self.posterior.tempering)
         if self.modes is not None:
             out["modes"] = self.modes.summary()
         if self.umbrella is not None:
@@ -294,8 +296,8 @@ class LensFit:
 
     def sample(self, samples=500, *, warmup=200, chains=4, sampler="hmc", max_tree_depth=7,
                sample_lens_light=True, hold=(), per_chain_metric=False, pilot=None,
-               pilot_flow=False, modes=(), mode_steps=2000, seed=0, progress=True,
-               checkpoint=None) -> "LensFit":
+               pilot_flow=False, modes=(), mode_steps=2000, tempering=None, seed=0,
+               progress=True, checkpoint=None) -> "LensFit":
         """This fit with a posterior sampled from its MAP (see :func:`fit_lens` for the
         arguments); the MAP can be saved before a long sampling run starts.
 
@@ -318,6 +320,10 @@ class LensFit:
         fit from each (``mode_steps`` Adam steps) finds its mode, and the chains add
         mode-jumping moves between all of them (:func:`difflens.infer.sample_posterior`).
 
+        ``tempering`` (HMC only): parallel tempering, each chain a ladder of K tempered chains
+        (an int K, or the inverse temperatures; :func:`difflens.infer.sample_posterior`); the
+        summary then reports the exchange rates and round trips.
+
         Examples
         --------
         >>> fit = fit_lens(obs)                         # MAP only            # doctest: +SKIP
@@ -329,12 +335,16 @@ class LensFit:
         model, sites = self._sampled_model(hold, sample_lens_light)
         if sampler == "laplace":
             if (checkpoint is not None or per_chain_metric or pilot is not None or pilot_flow
-                    or modes):
+                    or modes or tempering is not None):
                 raise ValueError("sampler='laplace' draws at once: it keeps no checkpoint, "
-                                 "adapts no metric and jumps between no modes (checkpoint / "
-                                 "per_chain_metric / pilot / modes; see sample_modes)")
+                                 "adapts no metric, tempers nothing and jumps between no "
+                                 "modes (checkpoint / per_chain_metric / pilot / tempering / "
+                                 "modes; see sample_modes)")
             post = sample_laplace(model, sites, num_samples=samples * chains, seed=seed)
         else:
+            if modes and tempering is not None:      # before the modes' MAPs, not after them
+                raise ValueError("tempering and modes (mode-jumping moves) are not combined; "
+                                 "use one")
             others = [m.sample_sites() for m in
                       self._other_modes(model, sites, modes, mode_steps, seed, progress)]
             post = sample_posterior(model, sites, num_samples=samples, warmup=warmup,
@@ -342,7 +352,7 @@ class LensFit:
                                     max_tree_depth=max_tree_depth, progress=progress,
                                     per_chain_metric=per_chain_metric, pilot=pilot,
                                     pilot_flow=pilot_flow, modes=others or None,
-                                    checkpoint=checkpoint)
+                                    tempering=tempering, checkpoint=checkpoint)
         return LensFit(self.observation, self.model, self.map, post)
 
     def sample_modes(self, starts, samples=4000, *, sample_lens_light=True, hold=(), steps=2000,
@@ -567,7 +577,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
              chains=4, sampler="hmc", max_tree_depth=7, sample_lens_light=True, hold=(), seed=0,
              marginalise_amplitudes=False, source_correction=None, dtype=torch.float64,
              device="cpu", progress=True, init=None, checkpoint=None, pilot=None,
-             pilot_flow=False, source_interpolation="bilinear", compile=False) -> LensFit:
+             pilot_flow=False, tempering=None, source_interpolation="bilinear",
+             compile=False) -> LensFit:
     """MAP fit and, if ``samples > 0``, a posterior (HMC or NUTS) started at the MAP.
 
     Parameters
@@ -619,6 +630,11 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         With ``pilot``: also fit a normalising flow to the pilot's draws and run HMC in its
         latent space (NeuTra, :func:`difflens.infer.mcmc.pilot_flow_fit`), for curved ridges
         that a covariance cannot make round.
+    tempering : int or sequence of float, optional
+        HMC only: parallel tempering, each of the ``chains`` a ladder of K chains at inverse
+        temperatures from 1 down (an int K spaces them for the model's dimension), exchanging
+        positions; for posteriors with modes or ridge ends that plain chains cross too rarely
+        (:func:`difflens.infer.sample_posterior`).  Costs K times the chains.
     source_interpolation : "bilinear" or "cubic"
         As in :func:`build_model`.
 
@@ -637,6 +653,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         raise ValueError(f"a pilot posterior is used by sampler='hmc' only, not by {sampler!r}")
     if pilot_flow and pilot is None:
         raise ValueError("pilot_flow fits a flow to a pilot's draws: pass pilot too")
+    if tempering is not None and sampler != "hmc":
+        raise ValueError(f"tempering is done by sampler='hmc' only, not by {sampler!r}")
     if pilot is not None:
         pilot = read_pilot(pilot)                  # a missing or unreadable file: before the MAP
     model = build_model(obs, source=source, priors=priors, psf_sigma=psf_sigma,
@@ -659,7 +677,7 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
         fit = fit.sample(samples, warmup=warmup, chains=chains, sampler=sampler,
                          max_tree_depth=max_tree_depth, sample_lens_light=sample_lens_light,
                          hold=hold, seed=seed, progress=progress, checkpoint=checkpoint,
-                         pilot=pilot, pilot_flow=pilot_flow)
+                         pilot=pilot, pilot_flow=pilot_flow, tempering=tempering)
     return fit
 
 

@@ -148,6 +148,28 @@ def test_fit_lens_laplace_sampler_and_bad_sampler(tmp_path):
     assert (tmp_path / "out" / "posterior.nc").exists()
 
 
+def test_a_tempered_fit_keeps_its_coldest_chains_and_reports_the_exchanges(tmp_path):
+    """fit_lens(tempering=3) on a small mock: a posterior of ``chains`` chains, and the
+    ladder, exchange rates and round trips in summary.json; other samplers refuse it before
+    any MAP work."""
+    import json
+
+    from difflens.datasets.mocks import simulate_mock
+    from difflens.fitting import fit_lens
+
+    obs = simulate_mock(5, noise_sigma=0.05, npix=32, pixel_scale=0.2, source="sersic")
+    with pytest.raises(ValueError, match="tempering"):
+        fit_lens(obs, source="sersic", samples=10, sampler="laplace", tempering=3)
+    fit = fit_lens(obs, source="sersic", steps=150, restarts=1, samples=20, warmup=30,
+                   chains=2, tempering=3, progress=False)
+    assert fit.posterior.idata.posterior["r_ein"].shape == (2, 20)
+    fit.save(tmp_path / "out")
+    t = json.loads((tmp_path / "out" / "summary.json").read_text())["tempering"]
+    assert len(t["betas"]) == 3 and t["betas"][0] == 1.0 and t["betas"][2] < t["betas"][1] < 1
+    assert len(t["swap_accept"]) == 2 and all(0 <= a <= 1 for a in t["swap_accept"])
+    assert t["round_trips"] >= 0
+
+
 def test_a_slope_held_fixed_fits_samples_and_plots(tmp_path):
     """An SIE fit (gamma a number in the priors): gamma stays at the value in every draw, the
     corner plot leaves it out instead of failing on a parameter with no spread."""

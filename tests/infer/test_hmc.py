@@ -429,3 +429,139 @@ def test_sample_posterior_hands_hmc_each_modes_laplace_gaussian_in_its_coordinat
                               factor @ factor.T, rtol=1e-6, atol=1e-12)
     with pytest.raises(ValueError, match="modes"):
         sample_posterior(model, init, num_samples=2, method="nuts", modes=[other])
+
+
+def _equal_modes(d=4):
+    """Target 0.7 N(0, I) + 0.3 N(m, I), m 12 sd away (6 along every axis): HMC alone never
+    crosses.  Equal widths, so every tempered level holds both modes (at beta their weights
+    are 0.7^beta : 0.3^beta)."""
+    def potential(u):
+        return -torch.logaddexp(np.log(0.7) - 0.5 * (u * u).sum(1),
+                                np.log(0.3) - 0.5 * ((u - 6.0) ** 2).sum(1))
+    return potential
+
+
+def test_tempering_gives_separated_modes_their_weights():
+    """Every chain starts in the heavier mode; with a ladder of five temperatures the beta = 1
+    chains hold the lighter one 30% of the time with its mean and width, the exchanges are
+    accepted at the ladder's design rate and walkers make round trips; plain HMC from the
+    same starts never leaves."""
+    from difflens.infer.hmc import round_trips, temperature_ladder
+
+    potential, d, k = _equal_modes(), 4, 5
+    betas = temperature_ladder(k, d)
+    u0 = 0.1 * torch.randn(4 * k, d, generator=torch.Generator().manual_seed(0),
+                           dtype=torch.float64)
+    draws, stats = hmc(potential, u0, num_samples=1500, warmup=100, seed=0, progress=False,
+                       tempering=betas)
+    assert draws.shape == (4 * k, 1500, d)
+    assert torch.allclose(stats["beta"], torch.tensor(betas, dtype=torch.float64).repeat(4))
+    assert stats["swap_accept"].shape == (4, 1500, k - 1)
+    assert stats["replica"].shape == (4 * k, 1500)
+    cold = draws[::k].reshape(-1, d)
+    light = cold.sum(1) > 12.0                       # nearer the second mode
+    assert float(light.double().mean()) == pytest.approx(0.3, abs=0.08)
+    assert torch.allclose(cold[light].mean(0), torch.full((d,), 6.0, dtype=torch.float64),
+                          atol=0.15)
+    assert torch.allclose(cold[light].std(0), torch.ones(d, dtype=torch.float64), rtol=0.1)
+    assert torch.allclose(cold[~light].std(0), torch.ones(d, dtype=torch.float64), rtol=0.1)
+    # exchanges: accepted near the 40% the ladder is spaced for, each pair every other time
+    rate = stats["swap_accept"].nanmean((0, 1))
+    assert ((rate > 0.25) & (rate < 0.6)).all()
+    assert torch.isnan(stats["swap_accept"]).float().mean() == pytest.approx(0.5, abs=0.01)
+    assert round_trips(stats["replica"], k) > 100
+    plain, _ = hmc(potential, u0[:4], num_samples=300, warmup=100, seed=0, progress=False)
+    assert (plain.sum(-1) < 12.0).all()
+
+
+def test_tempered_gaussian_levels_have_their_temperatures_widths():
+    """For N(0, I) in 10 dimensions level k samples N(0, I / beta_k), and the exchanges are
+    accepted at the rate temperature_ladder spaces them for (2 Phi(-sqrt(d) delta / 2))."""
+    from difflens.infer.hmc import temperature_ladder
+
+    d, k = 10, 3
+    betas = temperature_ladder(k, d, swap_accept=0.4)
+    assert betas[0] == 1.0 and betas[1] / betas[0] == pytest.approx(betas[2] / betas[1])
+    u0 = torch.randn(6 * k, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    draws, stats = hmc(lambda u: 0.5 * (u * u).sum(1), u0, num_samples=800, warmup=100,
+                       seed=1, progress=False, tempering=betas)
+    for level, beta in enumerate(betas):
+        sd = draws[level::k].reshape(-1, d).std(0).mean()
+        assert float(sd) == pytest.approx(beta ** -0.5, rel=0.05)
+    assert float(stats["swap_accept"].nanmean()) == pytest.approx(0.4, abs=0.07)
+
+
+def test_round_trips_count_cold_to_hot_and_back():
+    from difflens.infer.hmc import round_trips
+
+    # one ladder of 3 levels; replica[c, s] = the walker at chain (level) c at draw s
+    replica = torch.tensor([[0, 1, 2, 1, 0, 1, 2, 2, 0],
+                            [1, 0, 1, 2, 1, 2, 1, 0, 1],
+                            [2, 2, 0, 0, 2, 0, 0, 1, 2]])
+    # the level of each walker at each draw -- walker 0: 0 1 2 2 0 2 2 1 0, two trips;
+    # walker 1: 1 0 1 0 1 0 1 2 1, none (up to 2 and not back); walker 2: 2 2 0 1 2 1 0 0 2,
+    # one (its start at the hot end does not count)
+    assert round_trips(replica, 3) == 3
+    assert round_trips(replica[:, :4], 3) == 0
+
+
+def test_tempering_rejects_bad_ladders_and_resumes_from_a_checkpoint(tmp_path):
+    potential = _equal_modes()
+    u0 = torch.zeros(6, 4, dtype=torch.float64)
+    kw = dict(progress=False, num_samples=2, warmup=0)
+    for bad in ([0.9, 0.5], [1.0, 1.0], [1.0, 0.5, 0.6], [1.0, 0.0], [1.0]):
+        with pytest.raises(ValueError, match="inverse temperatures"):
+            hmc(potential, u0, tempering=bad, **kw)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        hmc(potential, u0, tempering=[1.0, 0.5, 0.25, 0.1], **kw)
+    centres, factors = torch.zeros(2, 4, dtype=torch.float64), torch.eye(4).expand(2, 4, 4)
+    centres[1] = 6.0
+    with pytest.raises(ValueError, match="not combined"):
+        hmc(potential, u0, tempering=[1.0, 0.5], jumps=(centres, factors.double()), **kw)
+    betas = [1.0, 0.4, 0.16]
+    kw = dict(warmup=40, seed=2, progress=False, tempering=betas)
+    full, stats = hmc(potential, u0, num_samples=60, **kw)
+    ckpt = tmp_path / "pt.pt"
+    hmc(potential, u0, num_samples=30, checkpoint=ckpt, **kw)
+    more, more_stats = hmc(potential, u0, num_samples=60, checkpoint=ckpt, **kw)
+    assert torch.equal(more, full)
+    assert torch.equal(more_stats["replica"], stats["replica"])
+    assert torch.equal(more_stats["swap_accept"].nan_to_num(-1),
+                       stats["swap_accept"].nan_to_num(-1))
+    with pytest.raises(ValueError, match="tempering"):
+        hmc(potential, u0, num_samples=80, checkpoint=ckpt, **dict(kw, tempering=[1.0, 0.5, 0.2]))
+
+
+def test_sample_posterior_with_tempering_keeps_the_beta_one_chains(monkeypatch):
+    """sample_posterior(tempering=K) runs chains x K sampler chains on a ladder spaced for the
+    model's dimension and returns the beta = 1 ones: here the fake sampler leaves only those at
+    the MAP (u = 0), so every draw of the posterior must equal it."""
+    import difflens.infer.hmc as hmc_module
+    from difflens.infer.hmc import temperature_ladder
+    from difflens.infer.mcmc import sample_posterior
+
+    model, space, init = _sersic_model_and_map()
+    d, k = space.start.numel(), 3
+    seen = {}
+
+    def fake_hmc(potential, u0, *, num_samples, tempering, **kw):
+        seen["chains"], seen["betas"] = u0.shape[0], tempering
+        c = u0.shape[0]
+        draws = torch.full((c, num_samples, u0.shape[1]), 0.3, dtype=u0.dtype)
+        draws[::k] = 0.0
+        swaps = torch.full((c // k, num_samples, k - 1), 0.5, dtype=torch.float64)
+        replica = torch.arange(c)[:, None].expand(c, num_samples)
+        return draws, dict(seconds={}, swap_accept=swaps, replica=replica)
+
+    monkeypatch.setattr(hmc_module, "hmc", fake_hmc)
+    post = sample_posterior(model, init, num_samples=5, chains=2, tempering=k, progress=False)
+    assert seen["chains"] == 2 * k and seen["betas"] == temperature_ladder(k, d)
+    assert post.idata.posterior["gamma"].shape == (2, 5)
+    assert np.allclose(post.idata.posterior["gamma"].values, float(init["gamma"]))
+    assert post.tempering["swap_accept"] == [0.5, 0.5]
+    assert post.tempering["round_trips"] == 0 and len(post.tempering["betas"]) == k
+    with pytest.raises(ValueError, match="method='hmc'"):
+        sample_posterior(model, init, num_samples=2, method="nuts", tempering=3)
+    with pytest.raises(ValueError, match="not combined"):
+        sample_posterior(model, init, num_samples=2, tempering=3, modes=[dict(init)],
+                         progress=False)

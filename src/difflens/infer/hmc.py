@@ -225,7 +225,8 @@ def _safe(potential):
 
 def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_length=2.2,
         max_steps=64, max_steps_ratio=3.0, dense=True, adapt_metric=True, groups=None, seed=0,
-        jumps=None, progress=True, desc="HMC", checkpoint=None, checkpoint_every=20):
+        jumps=None, tempering=None, progress=True, desc="HMC", checkpoint=None,
+        checkpoint_every=20):
     """Run ``C`` HMC chains at once from ``u0`` (shape ``(C, D)``).
 
     Parameters
@@ -282,6 +283,20 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         is reversible and leaves the posterior invariant; a chain then changes basin every
         ``1 / acceptance`` iterations instead of waiting for a trajectory to find the path.
         Warm-up has no jumps: a metric adapted on draws from several basins would fit none.
+    tempering : sequence of K floats, optional
+        Inverse temperatures ``1 = beta_0 > beta_1 > ... > beta_{K-1} > 0`` for parallel
+        tempering (replica exchange; Geyer 1991), for posteriors whose modes or ridge ends HMC
+        crosses too rarely.  The C chains form ``C / K`` ladders (C must be a multiple of K):
+        chain ``c`` samples ``p(u)^beta_k``, ``k = c mod K``, in ladder ``c // K``, and only the
+        ``beta = 1`` chains (``c mod K == 0``) sample the posterior itself.  After every
+        iteration, warm-up included, neighbouring levels of each ladder propose to exchange
+        positions, the pairs ``(k, k + 1)`` with ``k`` even on even iterations and odd on odd
+        ones (the deterministic even-odd scheme, which carries positions through the ladder
+        without backtracking; Syed et al. 2022), accepted with probability ``min(1,
+        exp((beta_k - beta_{k+1}) (U_k - U_{k+1})))`` where ``U = -log p`` at each position.
+        A hot chain crosses barriers ``1 / beta`` times lower and hands what it finds down the
+        ladder.  Every level adapts its own step size and (with ``adapt_metric``) its own
+        metric, per group.  Not combined with ``jumps``.
     progress : bool
         Progress bar (with the current mean acceptance and step size).
     checkpoint : str or Path, optional
@@ -312,7 +327,12 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         the wall time of warm-up and of drawing the kept samples (``{"warmup": s,
         "sampling": s}``, this call only: a resumed run counts what it ran); with ``jumps``
         also ``jump_accept`` (C, num_samples), the jump moves' acceptance probabilities, and
-        ``basin`` (C, num_samples), the basin of each draw.
+        ``basin`` (C, num_samples), the basin of each draw; with ``tempering`` also ``beta``
+        (C,) each chain's inverse temperature, ``swap_accept`` (C // K, num_samples, K - 1)
+        the exchange moves' acceptance probabilities between levels k and k + 1 of each ladder
+        after each kept iteration (NaN where that pair was not proposed), and ``replica``
+        (C, num_samples) which of the C walkers (numbered by the chain they started in) held
+        each chain's position at each draw (:func:`round_trips` counts their journeys).
 
     Notes
     -----
@@ -339,6 +359,13 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     n_groups = int(groups.max()) + 1
     if jumps is not None:
         jumps = _checked_jumps(jumps, d, u0)
+    betas = None
+    if tempering is not None:
+        betas = _checked_ladder(tempering, c, jumps, u0.device)
+        # every temperature of every group adapts its own metric
+        level = torch.arange(c, device=u0.device) % betas.numel()
+        groups = torch.unique(groups * betas.numel() + level, return_inverse=True)[1]
+        n_groups = int(groups.max()) + 1
     gen = torch.Generator(device=u0.device).manual_seed(seed)
     potential = _safe(potential)
     kw = dict(dtype=u0.dtype, device=u0.device)
@@ -348,7 +375,8 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         return torch.einsum("cij,cj->ci", scale[groups], v)
 
     def pot_v(v):
-        return potential(to_u(v))
+        pot = potential(to_u(v))
+        return pot if betas is None else pot * betas[level].to(pot.dtype)
 
     v = u0.detach().clone()
     pot, grad = _value_and_grad(pot_v, v)
@@ -366,6 +394,8 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     eps = _initial_step_size(pot_v, v, pot, grad, gen)
     da = dual_averaging_state(eps)
     draws, accepts, divergent, n_steps_kept, jump_accepts, basins = [], [], [], [], [], []
+    replica = torch.arange(c, device=u0.device)          # which walker each chain holds
+    replicas, swap_accepts = [], []
     start = 0
     settings = dict(u0=u0.detach().cpu(), groups=groups.cpu(), num_samples=num_samples,
                     warmup=warmup, target_accept=target_accept, path_length=path_length,
@@ -374,11 +404,15 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                     start_potential=pot.detach().cpu())     # a fingerprint of the target density
     if jumps is not None:      # (files written without jumps lack the key: they differ)
         settings["jumps"] = torch.cat([jumps[0][:, :, None], jumps[1]], 2).cpu()
+    if betas is not None:      # (likewise for tempering)
+        settings["tempering"] = betas.cpu()
     if checkpoint is not None and Path(checkpoint).exists():
         state = _load_checkpoint(checkpoint, settings, u0.device)
         (start, v, pot, grad, eps, da, scale, window, window_ends, rejected_updates, draws,
          accepts, divergent, n_steps_kept) = (state[k] for k in _STATE)
         jump_accepts, basins = state.get("jump_accepts", []), state.get("basins", [])
+        replica = state.get("replica", replica)
+        replicas, swap_accepts = state.get("replicas", []), state.get("swap_accepts", [])
         scale = scale.clone()
         gen.set_state(state["generator"])
 
@@ -388,7 +422,8 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         state = dict(zip(_STATE, (next_it, v, pot, grad, eps, da, scale, window, window_ends,
                                   rejected_updates, draws, accepts, divergent, n_steps_kept)))
         state.update(settings=settings, generator=gen.get_state(), jump_accepts=jump_accepts,
-                     basins=basins)
+                     basins=basins, replica=replica, replicas=replicas,
+                     swap_accepts=swap_accepts)
         with atomic_path(checkpoint) as tmp:
             torch.save(tensors_to(state, "cpu"), tmp)
 
@@ -429,6 +464,14 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         v = torch.where(take[:, None], vn, v)
         pot = torch.where(take, potn, pot)
         grad = torch.where(take[:, None], gn, grad)
+        if betas is not None:
+            order, swap_prob = _exchange(pot / betas[level].to(pot.dtype), betas, it % 2, gen)
+            if not torch.equal(order, torch.arange(c, device=order.device)):
+                u_new = to_u(v)[order]          # each level keeps its own coordinates
+                v = torch.linalg.solve_triangular(scale[groups], u_new[:, :, None],
+                                                  upper=False)[:, :, 0]
+                pot, grad = _value_and_grad(pot_v, v)
+                replica = replica[order]
         if it < warmup:
             eps = _dual_averaging_update(da, accept_prob, target_accept)
             if window_ends and window_ends[0][0] <= it:
@@ -473,12 +516,17 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                 jump_accepts.append(jump_prob)
                 basins.append(basin)
             draws.append(to_u(v))
+            if betas is not None:
+                replicas.append(replica)
+                swap_accepts.append(swap_prob)
             accepts.append(accept_prob)
             divergent.append(~torch.isfinite(h1) | (h1 - h0 > 1000.0))
             n_steps_kept.append(steps_c)
+        extra = {"jump": f"{float(jump_accepts[-1].mean()):.2f}"} if jump_accepts else {}
+        if betas is not None and not swap_prob.isnan().all():
+            extra["swap"] = f"{float(swap_prob.nanmean()):.2f}"
         bar.set_postfix(accept=f"{float(accept_prob.mean()):.2f}", step=f"{float(eps.median()):.3f}",
-                        L=n_steps, **({"jump": f"{float(jump_accepts[-1].mean()):.2f}"}
-                                      if jump_accepts else {}))
+                        L=n_steps, **extra)
         if (it + 1) % checkpoint_every == 0 or it + 1 == warmup + num_samples:
             save(it + 1)
     bar.close()
@@ -488,7 +536,110 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
                  scale=scale, rejected_updates=rejected_updates, seconds=seconds)
     if jumps is not None:
         stats.update(jump_accept=torch.stack(jump_accepts, 1), basin=torch.stack(basins, 1))
+    if betas is not None:
+        stats.update(beta=betas[level], swap_accept=torch.stack(swap_accepts, 1),
+                     replica=torch.stack(replicas, 1))
     return torch.stack(draws, 1), stats
+
+
+def _checked_ladder(tempering, chains, jumps, device):
+    """``tempering`` as a float64 tensor of inverse temperatures, checked (see :func:`hmc`)."""
+    try:
+        betas = torch.as_tensor(tempering, dtype=torch.float64, device=device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError("tempering must be a sequence of inverse temperatures") from err
+    k = betas.numel()
+    if (k < 2 or not torch.isfinite(betas).all() or float(betas[0]) != 1.0
+            or not (betas[1:] < betas[:-1]).all() or float(betas[-1]) <= 0):
+        raise ValueError("tempering needs K >= 2 inverse temperatures 1 = beta_0 > beta_1 > "
+                         f"... > 0, got {betas.tolist()}")
+    if chains % k:
+        raise ValueError(f"tempering with {k} temperatures needs a multiple of {k} chains (one "
+                         f"ladder per {k}), got {chains}")
+    if jumps is not None:
+        raise ValueError("tempering and jumps are not combined; use one of them")
+    return betas
+
+
+def _exchange(energy, betas, parity, gen):
+    """One round of replica-exchange proposals between neighbouring levels of every ladder
+    (:func:`hmc`, ``tempering``).
+
+    Parameters
+    ----------
+    energy : Tensor (C,)
+        ``U = -log p`` (untempered) at each chain's position; chain c sits at level c mod K.
+    betas : Tensor (K,)
+    parity : int
+        0 proposes the pairs (0, 1), (2, 3), ...; 1 the pairs (1, 2), (3, 4), ...
+
+    Returns
+    -------
+    order : LongTensor (C,)
+        Chain c takes the position of chain ``order[c]``.
+    prob : Tensor (C // K, K - 1)
+        Acceptance probability of each pair (k, k + 1), NaN where not proposed.
+    """
+    k = betas.numel()
+    e = energy.reshape(-1, k).to(betas.dtype)
+    order = torch.arange(energy.numel(), device=energy.device).reshape(-1, k)
+    prob = torch.full((e.shape[0], k - 1), math.nan, dtype=betas.dtype, device=betas.device)
+    lo = torch.arange(parity, k - 1, 2, device=energy.device)
+    if lo.numel():
+        log_r = (betas[lo] - betas[lo + 1]) * (e[:, lo] - e[:, lo + 1])
+        p = torch.nan_to_num(log_r, nan=-math.inf).clamp(max=0.0).exp()
+        take = torch.rand(p.shape, generator=gen, dtype=p.dtype, device=p.device) < p
+        a, b = order[:, lo].clone(), order[:, lo + 1].clone()
+        order[:, lo] = torch.where(take, b, a)
+        order[:, lo + 1] = torch.where(take, a, b)
+        prob[:, lo] = p
+    return order.reshape(-1), prob
+
+
+def temperature_ladder(k, dim, swap_accept=0.4):
+    """``k`` geometrically spaced inverse temperatures from 1 for parallel tempering in
+    ``dim`` dimensions.
+
+    For a ``dim``-dimensional Gaussian the exchange of levels ``beta`` and ``r beta`` (``r =
+    exp(-delta)``) is accepted on average with probability ``2 Phi(-sqrt(dim) delta / 2)``
+    (the energy difference is Gaussian with mean ``dim delta^2 / 2`` and twice that variance
+    to leading order in delta), so ``delta = -2 Phi^-1(swap_accept / 2) / sqrt(dim)``.  Real
+    posteriors, with heavier tails and several modes, usually swap less often.
+
+    Returns
+    -------
+    list of float
+        ``[1, r, r^2, ..., r^(k-1)]``.
+    """
+    if k < 2 or dim < 1 or not 0 < swap_accept < 1:
+        raise ValueError(f"need k >= 2 levels, dim >= 1 and 0 < swap_accept < 1, got {k}, "
+                         f"{dim}, {swap_accept}")
+    delta = -2 * float(torch.distributions.Normal(0.0, 1.0).icdf(
+        torch.tensor(swap_accept / 2, dtype=torch.float64))) / math.sqrt(dim)
+    return [math.exp(-delta * i) for i in range(k)]
+
+
+def round_trips(replica, k):
+    """Round trips of the walkers of a tempered run: journeys from the coldest level (``beta
+    = 1``) to the hottest and back, counted over the draws of ``replica`` (C, S) as
+    :func:`hmc` returns it with ``tempering`` of ``k`` levels.  A run whose walkers never make
+    the trip does not mix between what only the hot levels cross."""
+    replica = torch.as_tensor(replica)
+    c, _ = replica.shape
+    level = torch.empty_like(replica)
+    # level[w, s]: the level at which walker w sits at draw s
+    level.scatter_(0, replica, (torch.arange(c, device=replica.device) % k)[:, None]
+                   .expand_as(replica).contiguous())
+    trips = 0
+    for path in level.tolist():
+        leg = None                   # None: not yet at the cold end; "up", then "down"
+        for lev in path:
+            if lev == 0:
+                trips += leg == "down"
+                leg = "up"
+            elif lev == k - 1 and leg == "up":
+                leg = "down"
+    return trips
 
 
 def _checked_jumps(jumps, d, like):

@@ -41,6 +41,12 @@ class Posterior:
     seconds : dict
         Wall time of the sampler's ``warmup`` and ``sampling`` phases (HMC; for a batch of
         lenses the batch's times, shared by all of them).
+    tempering : dict
+        After parallel tempering (``sample_posterior(tempering=)``): ``betas`` (the inverse
+        temperatures), ``swap_accept`` (mean acceptance of the exchanges between levels k and
+        k + 1, one per pair) and ``round_trips`` (walkers' journeys cold -> hottest -> cold,
+        all ladders together; few means the hot levels' crossings do not reach the posterior).
+        Empty otherwise.
 
     Examples
     --------
@@ -53,6 +59,7 @@ class Posterior:
     rhat: dict
     ess: dict
     seconds: dict = field(default_factory=dict)
+    tempering: dict = field(default_factory=dict)
 
     def summary(self, hdi_prob=0.94) -> dict:
         """Mean, sd and HDI of each lens parameter and ``theta_E`` (arcsec), with R-hat and ESS."""
@@ -185,7 +192,7 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
                      method="hmc", seed=0, target_accept=0.8, path_length=2.2, max_tree_depth=8,
                      whiten=True, full_mass=False, adapt_mass_matrix=None, start_spread=0.3,
                      per_chain_metric=False, pilot=None, pilot_flow=False, modes=None,
-                     progress=True, checkpoint=None) -> Posterior:
+                     tempering=None, progress=True, checkpoint=None) -> Posterior:
     """Sample the posterior of ``model`` from ``init`` (normally ``MAPResult.sample_sites()``).
 
     Parameters
@@ -251,6 +258,16 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         (:func:`difflens.infer.hmc.hmc`, ``jumps``), so that chains weigh basins they would
         cross only every thousand draws or so.  The posterior's ``idata.sample_stats`` then
         holds each draw's ``basin`` (0: ``init``'s) and the moves' ``jump_accept``.
+    tempering : int or sequence of float, optional
+        HMC only: parallel tempering (:func:`difflens.infer.hmc.hmc`).  Each of the ``chains``
+        chains becomes a ladder of K chains at inverse temperatures ``1 = beta_0 > ... >
+        beta_{K-1}``, sampling ``p^beta``, that exchange positions; the posterior keeps the
+        ``beta = 1`` chains, so it costs K times the chains of a plain run (one batch on a
+        GPU).  An int K spaces the ladder for exchanges accepted ~40% of the time in a Gaussian
+        of this dimension (:func:`difflens.infer.hmc.temperature_ladder`); or give the betas.
+        For modes, or ends of a ridge, that chains cross too rarely; the hot levels must cross
+        them, so ``beta_{K-1}`` must flatten the barrier.  ``Posterior.tempering`` reports the
+        exchange rates and round trips.  Not combined with ``modes``.
     checkpoint : str or Path, optional
         HMC only: a file where the sampler's state is saved as it runs; rerunning the same call
         resumes an interrupted run from it, with the same draws, and rerunning it with more
@@ -277,9 +294,9 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
             target_accept=target_accept, path_length=path_length, whiten=whiten,
             start_spread=start_spread, per_chain_metric=per_chain_metric,
             pilots=None if pilot is None else [pilot], pilot_flow=pilot_flow,
-            modes=modes, progress=progress, checkpoint=checkpoint)[0]
-    if pilot is not None or pilot_flow or modes:
-        raise ValueError("pilot, pilot_flow and modes are options of method='hmc'")
+            modes=modes, tempering=tempering, progress=progress, checkpoint=checkpoint)[0]
+    if pilot is not None or pilot_flow or modes or tempering is not None:
+        raise ValueError("pilot, pilot_flow, modes and tempering are options of method='hmc'")
     if per_chain_metric:
         raise ValueError("per_chain_metric is an option of method='hmc'; Pyro's NUTS adapts "
                          "each chain on its own already")
@@ -432,7 +449,7 @@ def _correction_block(model: LensModel, init: dict, space):
 def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains=4, seed=0,
                            target_accept=0.8, path_length=2.2, whiten=True, start_spread=0.3,
                            per_chain_metric=False, pilots=None, pilot_flow=False,
-                           modes=None, progress=True, checkpoint=None) -> list:
+                           modes=None, tempering=None, progress=True, checkpoint=None) -> list:
     """HMC posteriors of many lenses at once: ``len(models) x chains`` chains in one batch.
 
     Every leapfrog step is one batched likelihood call over all lenses and chains (on a GPU,
@@ -459,6 +476,8 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
     modes : list of dict, optional
         One lens only: site values at the other modes of its posterior, for mode-jumping moves
         (as in :func:`sample_posterior`).
+    tempering : int or sequence of float, optional
+        As in :func:`sample_posterior`: every lens's chains become ladders of K chains.
     checkpoint : str or Path, optional
         As in :func:`sample_posterior`: the sampler's state file, for resuming.  With
         ``pilot_flow`` the flows' weights are kept beside it (``<checkpoint>.flow<i>.pt``).
@@ -474,7 +493,7 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
     >>> posts = sample_posterior_batch(models, [m.sample_sites() for m in maps])  # doctest: +SKIP
     >>> [p.interval("r_ein", 0.95) for p in posts]                             # doctest: +SKIP
     """
-    from .hmc import FlatSites, hmc
+    from .hmc import FlatSites, hmc, temperature_ladder
 
     models, inits = list(models), list(inits)
     if not models or len(models) != len(inits):
@@ -486,6 +505,8 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         raise ValueError("pilot_flow fits a flow to a pilot's draws: pass pilot(s) too")
     if modes and (len(models) != 1 or pilot_flow):
         raise ValueError("modes (mode-jumping moves) take one lens and no pilot_flow")
+    if modes and tempering is not None:
+        raise ValueError("tempering and modes (mode-jumping moves) are not combined; use one")
     n_lens = len(models)
     space = FlatSites(models[0], init_strategy=init_to_value(values=inits[0]))
     missing = [sorted(set(space.names) - set(init)) for init in inits]
@@ -494,14 +515,22 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
                          "MAPResult.sample_sites()")
     flat0 = torch.stack([space.flatten(init) for init in inits])
     d = flat0.shape[1]
-    lens_of_chain = torch.arange(n_lens, device=flat0.device).repeat_interleave(chains)
-    groups = (torch.arange(n_lens * chains, device=flat0.device) if per_chain_metric
+    betas = None
+    if tempering is not None:
+        betas = (temperature_ladder(int(tempering), d) if np.ndim(tempering) == 0
+                 else list(tempering))
+    # with tempering each chain is a ladder of len(betas) chains in the sampler, the beta = 1
+    # one first: chains_run per lens
+    levels = 1 if betas is None else len(betas)
+    chains_run = chains * levels
+    lens_of_chain = torch.arange(n_lens, device=flat0.device).repeat_interleave(chains_run)
+    groups = (torch.arange(n_lens * chains_run, device=flat0.device) if per_chain_metric
               else lens_of_chain)
     if pilots is None:
         eye = torch.eye(d, dtype=flat0.dtype, device=flat0.device)
         factor = torch.stack([laplace_whitening(_grad_fn(space.potential(m)), x0) if whiten
                               else eye for m, x0 in zip(models, flat0)])       # (N, D, D)
-        u0 = torch.cat([_starting_points(chains, d, start_spread, seed + i, flat0[i])
+        u0 = torch.cat([_starting_points(chains_run, d, start_spread, seed + i, flat0[i])
                         for i in range(n_lens)])
     else:
         pilots = list(pilots)
@@ -512,24 +541,24 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
             raise ValueError("per_chain_metric adapts metrics in warm-up; with a pilot the "
                              "metric is the pilot's covariance and is not adapted")
         if pilot_flow:
-            whitened = [pilot_flow_fit(space, p, x0, chains, seed + i, progress=progress,
+            whitened = [pilot_flow_fit(space, p, x0, chains_run, seed + i, progress=progress,
                                        flow_file=None if checkpoint is None
                                        else f"{checkpoint}.flow{i}.pt")[:3]
                         for i, (p, x0) in enumerate(zip(pilots, flat0))]
             flows = [f for _, f, _ in whitened]
         else:
-            whitened = [pilot_whitening(space, p, x0, chains, seed + i)
+            whitened = [pilot_whitening(space, p, x0, chains_run, seed + i)
                         for i, (p, x0) in enumerate(zip(pilots, flat0))]
         factor = torch.stack([w[0] for w in whitened])
         u0 = torch.cat([w[-1] for w in whitened])
-    stacked = space.potential(LensModel.stack(models, repeat=chains))
+    stacked = space.potential(LensModel.stack(models, repeat=chains_run))
 
     def to_theta(u):
         return flat0[lens_of_chain] + torch.einsum("cij,cj->ci", factor[lens_of_chain], u)
 
     def through_flows(z):
         """``(f(z), log |det df/dz|)`` of every chain, each through its lens's flow."""
-        parts = [f(zi) for f, zi in zip(flows, z.reshape(n_lens, chains, -1, d).unbind(0))]
+        parts = [f(zi) for f, zi in zip(flows, z.reshape(n_lens, chains_run, -1, d).unbind(0))]
         return (torch.cat([w for w, _ in parts]).reshape(z.shape),
                 torch.cat([ld for _, ld in parts]).reshape(z.shape[:-1]))
 
@@ -549,11 +578,14 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
                  torch.stack([torch.linalg.solve(factor[0], f) for _, f in gaussians]))
     u, stats = hmc(potential, u0, num_samples=num_samples, warmup=warmup,
                target_accept=target_accept, path_length=path_length, groups=groups, seed=seed,
-               jumps=jumps, adapt_metric=pilots is None, progress=progress,
+               jumps=jumps, tempering=betas, adapt_metric=pilots is None, progress=progress,
                desc="HMC" if n_lens == 1 else f"HMC ({n_lens} lenses)", checkpoint=checkpoint)
     if pilot_flow:
         with torch.no_grad():
             u = through_flows(u)[0]
+    if betas is not None:                   # the posterior is the beta = 1 chains'
+        u = u.reshape(n_lens * chains, levels, *u.shape[1:])[:, 0]
+        lens_of_chain = lens_of_chain[::levels]
     theta = (flat0[lens_of_chain][:, None]
              + torch.einsum("cij,csj->csi", factor[lens_of_chain], u))
     sites = space.constrained(theta.reshape(-1, d))               # chain-major, then draw
@@ -566,7 +598,21 @@ def sample_posterior_batch(models, inits, *, num_samples=500, warmup=300, chains
         if jumps is not None:
             out[-1].idata.add_groups(sample_stats={
                 k: stats[k].cpu().numpy() for k in ("basin", "jump_accept")})
+        if betas is not None:
+            out[-1].tempering = _tempering_report(stats, betas, i, chains)
     return out
+
+
+def _tempering_report(stats, betas, lens, chains):
+    """``Posterior.tempering`` of lens ``lens`` from :func:`hmc`'s statistics."""
+    from .hmc import round_trips
+
+    k = len(betas)
+    swaps = stats["swap_accept"][lens * chains:(lens + 1) * chains]     # its ladders
+    replica = stats["replica"][lens * chains * k:(lens + 1) * chains * k] - lens * chains * k
+    return dict(betas=[round(float(b), 6) for b in betas],
+                swap_accept=[round(float(a), 4) for a in swaps.nanmean((0, 1))],
+                round_trips=round_trips(replica.cpu(), k))
 
 
 def read_pilot(pilot, what="pilot"):
