@@ -74,6 +74,11 @@ LENSES = {
 }
 
 
+def _ladder(text):
+    """``--tempering``: a number of levels K, or comma-separated inverse temperatures."""
+    return [float(b) for b in text.split(",")] if "," in text else int(text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=sorted(LENSES), action="append")
@@ -140,10 +145,11 @@ def main(argv=None):
                          "values, e.g. '[{\"q\": 0.6, \"r_ein\": 1.65}]': each is fitted to "
                          "its own MAP and HMC adds mode-jumping moves between all of them "
                          "(LensFit.sample(modes=)), which weigh basins chains cross too rarely")
-    ap.add_argument("--tempering", type=int, default=None, metavar="K",
+    ap.add_argument("--tempering", type=_ladder, default=None, metavar="K|B0,B1,...",
                     help="parallel tempering: each of --chains becomes a ladder of K chains at "
                          "rising temperatures exchanging positions (LensFit.sample("
-                         "tempering=K); K times the cost); the posterior keeps the coldest")
+                         "tempering=K); K times the cost), or give the inverse temperatures, "
+                         "e.g. 1,0.8,0.64,0.51; the posterior keeps the coldest")
     ap.add_argument("--importance", type=int, default=None, metavar="N",
                     help="with --modes: instead of HMC, N importance-sampling draws from "
                          "Laplace approximations at the modes (LensFit.sample_modes; its PSIS "

@@ -191,6 +191,19 @@ def test_fit_finals_accepts_a_count_or_all():
         finals("--finals", "most")
 
 
+def test_fit_tempering_takes_a_count_or_the_inverse_temperatures():
+    from difflens.cli import build_parser
+
+    def tempering(*extra):
+        return build_parser().parse_args(["fit", "image.fits", "--out", "fit",
+                                          *extra]).tempering
+
+    assert tempering() is None and tempering("--tempering", "4") == 4
+    assert tempering("--tempering", "1,0.7,0.5") == [1.0, 0.7, 0.5]
+    with pytest.raises(SystemExit):
+        tempering("--tempering", "hot")
+
+
 def test_fit_source_correction_options():
     from difflens.cli import _correction, build_parser
 

@@ -99,6 +99,15 @@ def _correction(args):
                            else tuple(args.correction_frame))
 
 
+def _ladder(text):
+    """``--tempering``: a number of levels K, or comma-separated inverse temperatures."""
+    try:
+        return [float(b) for b in text.split(",")] if "," in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of levels or inverse temperatures like 1,0.8,0.6, got {text!r}")
+
+
 def _cmd_fit(args):
     import torch
 
@@ -261,11 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="posterior.nc of an earlier run of the same fit (--sampler hmc): its "
                         "draws' covariance whitens the sampler and its draws start the chains, "
                         "for posteriors whose warm-up cannot measure their width")
-    p.add_argument("--tempering", type=int, default=None, metavar="K",
+    p.add_argument("--tempering", type=_ladder, default=None, metavar="K|B0,B1,...",
                    help="parallel tempering (--sampler hmc): each chain becomes a ladder of K "
                         "chains at rising temperatures that exchange positions (K times the "
-                        "cost), for modes or ridge ends plain chains cross too rarely; the "
-                        "summary reports exchange rates and round trips")
+                        "cost), for modes or ridge ends plain chains cross too rarely; or give "
+                        "the inverse temperatures, e.g. 1,0.8,0.64,0.51; the summary reports "
+                        "exchange rates and round trips")
     p.add_argument("--source-interpolation", choices=("bilinear", "cubic"),
                    default="bilinear",
                    help="how the VAE stamp is read between its pixels: cubic gives the "
