@@ -683,7 +683,8 @@ def fit_lens(obs: Observation, *, source="vae", priors="default", psf_sigma=None
 
 def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, lens_light=0,
                flux_scale="auto", supersample=1, steps=1000, restarts=8, encode_source=True,
-               finals=2, chunk=64, samples=0, warmup=300, chains=4, sampler="hmc", seed=0,
+               finals=2, chunk=64, samples=0, warmup=300, chains=4, sampler="hmc",
+               tempering=None, seed=0,
                marginalise_amplitudes=False, source_correction=None,
                source_interpolation="bilinear", dtype=torch.float64, device="cpu",
                progress=True) -> list:
@@ -724,6 +725,9 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     sampler : "hmc" or "laplace"
         ``"laplace"``: ``samples x chains`` independent draws per lens from the Gaussian
         approximation at its MAP (:func:`difflens.infer.sample_laplace`), lens after lens.
+    tempering : int or sequence of float, optional
+        HMC only: parallel tempering, every lens's chains each a ladder of K tempered chains
+        (as in :func:`fit_lens`); the batch then holds lenses x chains x K chains.
 
     Returns
     -------
@@ -744,6 +748,8 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
         raise ValueError("fit_lenses needs at least one observation")
     if sampler not in ("hmc", "laplace"):
         raise ValueError(f"fit_lenses samples with 'hmc' or 'laplace', got {sampler!r}")
+    if tempering is not None and sampler != "hmc":
+        raise ValueError(f"tempering is done by sampler='hmc' only, not by {sampler!r}")
     first = observations[0]
     for i, obs in enumerate(observations[1:], 1):
         if obs.shape != first.shape or obs.pixel_scale != first.pixel_scale:
@@ -773,5 +779,5 @@ def fit_lenses(observations, *, source="vae", priors="default", psf_sigma=None, 
     elif samples > 0:
         posts = sample_posterior_batch(models, [r.sample_sites() for r in results],
                                        num_samples=samples, warmup=warmup, chains=chains,
-                                       seed=seed, progress=progress)
+                                       tempering=tempering, seed=seed, progress=progress)
     return [LensFit(o, m, r, p) for o, m, r, p in zip(observations, models, results, posts)]

@@ -565,3 +565,34 @@ def test_sample_posterior_with_tempering_keeps_the_beta_one_chains(monkeypatch):
     with pytest.raises(ValueError, match="not combined"):
         sample_posterior(model, init, num_samples=2, tempering=3, modes=[dict(init)],
                          progress=False)
+
+
+def test_a_tempered_batch_of_lenses_reports_each_lens_its_own_ladders(monkeypatch):
+    """sample_posterior_batch(tempering=) with two lenses: each lens's posterior holds its own
+    beta = 1 chains, and its exchange rates and round trips come from its own ladders."""
+    import difflens.infer.hmc as hmc_module
+    from difflens.infer.mcmc import sample_posterior_batch
+
+    model, space, init = _sersic_model_and_map()
+    other = model.with_data(model.data * 1.01, model.noise_sigma)
+    k, chains = 2, 2
+
+    def fake_hmc(potential, u0, *, num_samples, tempering, **kw):
+        c = u0.shape[0]                                  # lenses x chains x levels
+        draws = torch.full((c, num_samples, u0.shape[1]), 0.3, dtype=u0.dtype)
+        draws[::k] = 0.0
+        swaps = torch.full((c // k, num_samples, k - 1), 0.2, dtype=torch.float64)
+        swaps[chains:] = 0.6                            # the second lens's ladders
+        replica = torch.arange(c)[:, None].repeat(1, num_samples)
+        replica[:k, 1], replica[:k, 2] = replica[:k, 1].flip(0), replica[:k, 2].flip(0)
+        return draws, dict(seconds={}, swap_accept=swaps, replica=replica)
+
+    monkeypatch.setattr(hmc_module, "hmc", fake_hmc)
+    posts = sample_posterior_batch([model, other], [init, init], num_samples=4, chains=chains,
+                                   tempering=[1.0, 0.5], progress=False)
+    for post in posts:
+        assert post.idata.posterior["gamma"].shape == (chains, 4)
+        assert np.allclose(post.idata.posterior["gamma"].values, float(init["gamma"]))
+    assert posts[0].tempering["swap_accept"] == [0.2] and posts[1].tempering["swap_accept"] == [0.6]
+    # walker 0 of lens 0: levels 0, 1, 1, 0 -> one round trip; lens 1's walkers stay put
+    assert posts[0].tempering["round_trips"] == 1 and posts[1].tempering["round_trips"] == 0
