@@ -1,4 +1,6 @@
 """Lens light: the simulator adds it before the PSF, and a joint fit recovers light and mass."""
+from pathlib import Path
+
 import pyro
 import pytest
 import torch
@@ -123,3 +125,27 @@ def test_priors_object_is_not_silently_overridden():
         build_model(obs, source="sersic", priors=two, psf_sigma=0.1, lens_light=1)
     with pytest.raises(ValueError, match="flux_scale"):
         build_model(obs, source="sersic", priors=two, psf_sigma=0.1, flux_scale=3.0)
+
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not available")
+def test_the_lens_light_prefit_of_a_real_lens_does_not_depend_on_precision():
+    """HST lens 3: the light-only prefit is chaotic there (one start lands in another basin for
+    a 1e-9 change of the noise map) and in float32 its L-BFGS stage stalled, so float32 and
+    float64 models once started their MAPs from different light (Sersic index 7.9 against
+    0.7).  With several starts, run in float64, both precisions reach the same light."""
+    from difflens.datasets.observation import read_observation
+    from difflens.fitting import build_model
+    from difflens.infer.initialise import fit_lens_light
+
+    d = SHARED / "lens_dolphin_hst" / "lens_system3"
+    obs = read_observation(d / "image_lens_system3_F600LP.h5",
+                           psf=d / "psf_lens_system3_F600LP.h5")
+    obs = obs.excluding_discs([(2.18, -0.70), (-2.22, 1.94)], [0.45, 0.30])
+    fits = [fit_lens_light(build_model(obs, source="sersic", lens_light=2, dtype=dtype))[0]
+            for dtype in (torch.float64, torch.float32)]
+    assert fits[1]["light0_n"].dtype == torch.float32          # returned in the model's dtype
+    for k, v in fits[0].items():
+        assert float(fits[1][k]) == pytest.approx(float(v), rel=1e-2, abs=1e-3), k
