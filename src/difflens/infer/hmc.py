@@ -374,6 +374,9 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
     def to_u(v):
         return torch.einsum("cij,cj->ci", scale[groups], v)
 
+    def to_v(u):
+        return torch.linalg.solve_triangular(scale[groups], u[:, :, None], upper=False)[:, :, 0]
+
     def pot_v(v):
         pot = potential(to_u(v))
         return pot if betas is None else pot * betas[level].to(pot.dtype)
@@ -467,9 +470,7 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
         if betas is not None:
             order, swap_prob = _exchange(pot / betas[level].to(pot.dtype), betas, it % 2, gen)
             if not torch.equal(order, torch.arange(c, device=order.device)):
-                u_new = to_u(v)[order]          # each level keeps its own coordinates
-                v = torch.linalg.solve_triangular(scale[groups], u_new[:, :, None],
-                                                  upper=False)[:, :, 0]
+                v = to_v(to_u(v)[order])        # each level keeps its own coordinates
                 pot, grad = _value_and_grad(pot_v, v)
                 replica = replica[order]
         if it < warmup:
@@ -510,8 +511,7 @@ def hmc(potential, u0, *, num_samples=500, warmup=300, target_accept=0.8, path_l
             if jumps is not None:
                 u_new, jump_prob, basin, moved = _mode_jump(to_u(v), pot, potential, *jumps, gen)
                 if moved.any():         # new positions need their gradients
-                    v = torch.linalg.solve_triangular(scale[groups], u_new[:, :, None],
-                                                      upper=False)[:, :, 0]
+                    v = to_v(u_new)
                     pot, grad = _value_and_grad(pot_v, v)
                 jump_accepts.append(jump_prob)
                 basins.append(basin)
