@@ -149,3 +149,25 @@ def test_the_lens_light_prefit_of_a_real_lens_does_not_depend_on_precision():
     assert fits[1]["light0_n"].dtype == torch.float32          # returned in the model's dtype
     for k, v in fits[0].items():
         assert float(fits[1][k]) == pytest.approx(float(v), rel=1e-2, abs=1e-3), k
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not available")
+def test_the_lens_light_prefit_survives_an_overflowing_line_search():
+    """JWST ring: from a start at r_e = 1", n = 4 the L-BFGS line search of the prefit tries a
+    step whose amplitude exp(log_amp) overflows to inf.  That stage must be undone, not end the
+    fit (it once raised "parameter 'source amp' is not finite: inf" out of fit_lens)."""
+    import json
+
+    from difflens.datasets.observation import read_observation
+    from difflens.fitting import build_model
+    from difflens.infer.initialise import fit_lens_light
+
+    d = SHARED / "lens_cosmosweb_ring_jwst" / "F150W"
+    pixel_scale = json.loads((d / "info.json").read_text())["pixel_scale"]
+    obs = read_observation(d / "data.fits", noise_map=d / "noise_map.fits", psf=d / "psf.fits",
+                           exclude=d / "mask_extra_galaxies.fits",
+                           pixel_scale=pixel_scale).cutout(141)
+    values, image = fit_lens_light(build_model(obs, source="sersic", lens_light=2),
+                                   starts=((1.0, 4.0),))
+    assert all(bool(torch.isfinite(v).all()) for v in values.values())
+    assert bool(torch.isfinite(image).all())

@@ -88,7 +88,8 @@ def fit_lens_light(model: LensModel, steps=300, lbfgs_steps=100, lr=0.05, clip=3
     each ``(r_e, n)`` of ``starts`` in turn (arcsec, Sersic index), component i > 0 with
     half-light radius ``0.5 * 3**i`` arcsec and n = 1, all nearly round.  Adam then L-BFGS in
     unconstrained variables (log amplitude, log r_e, logistic n in (0.5, 8), ellipticity
-    components); an L-BFGS stage that ends worse than it began is undone.  The fit is done
+    components); an L-BFGS stage that ends worse than it began, or
+    whose line search overflows (JWST ring: amplitude -> inf), is undone.  The fit is done
     twice: the second time without the pixels the first left more than ``clip`` sigma too
     bright outside the core -- the lensed arcs, which would otherwise inflate the light
     profile.  Of the starts, the fit with the lowest robust loss over all unmasked pixels is
@@ -220,9 +221,13 @@ def _fit_lens_light_from(sim, data, sigma, used, peak, n_comp, start, steps, lbf
                 value.backward()
                 return value
 
-            lbfgs.step(closure)
+            try:
+                lbfgs.step(closure)
+                with torch.no_grad():
+                    after = float(loss_fn())
+            except ValueError:       # a trial step overflowed (amplitude exp(log_amp) = inf)
+                after = math.inf
             with torch.no_grad():
-                after = float(loss_fn())
                 if not after <= before:                # worse, or not finite: undo it
                     for p, k in zip(params, kept):
                         p.copy_(k)
