@@ -786,7 +786,7 @@ class LensModel:
                  self._sample(f"light{i}_{k}", d) for k, d in comp.items()}
             q, phi = ellipticity_to_q_phi(p["e1"], p["e2"])
             lights.append(Sersic(amp=p["amp"], r_e=p["r_e"], n=p["n"], q=q, phi=phi,
-                                 x0=p["x0"], y0=p["y0"]))
+                                 x0=p["x0"], y0=p["y0"], label=f"lens light {i}"))
         return lights
 
     def sample_source(self):

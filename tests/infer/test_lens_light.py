@@ -89,6 +89,18 @@ def test_joint_fit_recovers_lens_light_and_mass(marginalise):
         assert "src_amp" not in fit.map.sample_sites()
 
 
+def test_a_bad_lens_light_value_is_named_as_lens_light():
+    """The lens light is drawn by the same Sersic profile as a source; its errors must name the
+    lens light (they once said "source amp" in a fit whose source was the VAE)."""
+    sim = Simulator(npix=16, pixel_scale=0.2, psf_sigma=0.1, dtype=torch.float64)
+    model = LensModel(torch.zeros(16, 16, dtype=torch.float64), 0.01, sim, source="sersic",
+                      priors=Priors.default("sersic", lens_light=1))
+    sites = _sites()
+    sites["light0_amp"] = torch.tensor(float("inf"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="lens light 0 amp"):
+        pyro.poutine.condition(model, data=sites)()
+
+
 def test_fixed_lens_light_is_not_sampled_and_images_unchanged():
     sim = Simulator(npix=16, pixel_scale=0.2, psf_sigma=0.1, dtype=torch.float64)
     priors = Priors.default("sersic", lens_light=1)

@@ -195,7 +195,8 @@ def _fit_lens_light_from(sim, data, sigma, used, peak, n_comp, start, steps, lbf
                     n=0.5 + 7.5 * torch.sigmoid(c["n_raw"]), q=q, phi=phi)
 
     def render():
-        lights = [Sersic(x0=centre[0], y0=centre[1], **physical(c)) for c in comps]
+        lights = [Sersic(x0=centre[0], y0=centre[1], label=f"lens light {i}", **physical(c))
+                  for i, c in enumerate(comps)]
         return sim.image(None, None, lights)
 
     inner = max(3 * sim.pixel_scale, 0.15)

@@ -20,6 +20,9 @@ from .sersic import SERSIC_PARAMS, sersic_profile, validate_sersic
 class Sersic:
     """Elliptical Sersic source (see :func:`difflens.sources.sersic` for units).
 
+    ``label`` names the profile in error messages ("source", or e.g. "lens light 0" where the
+    same profile draws the lens galaxy).
+
     Examples
     --------
     >>> src = Sersic(amp=1.0, r_e=0.25, n=1.5, q=0.8, phi=1.0, x0=0.1, y0=0.05)
@@ -32,11 +35,12 @@ class Sersic:
     phi: object = 0.0
     x0: object = 0.0
     y0: object = 0.0
+    label: str = "source"
 
     def validate(self, like: torch.Tensor) -> dict:
-        """The parameters as tensors like ``like``, checked (errors name ``source <param>``)."""
+        """The parameters as tensors like ``like``, checked (errors name ``<label> <param>``)."""
         return validate_sersic({k: getattr(self, k) for k in SERSIC_PARAMS}, like,
-                               prefix="source ")
+                               prefix=f"{self.label} ")
 
     def __call__(self, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
         p = self.validate(bx)
