@@ -155,7 +155,7 @@ def build_model(obs: Observation, *, source="vae", priors="default", psf_sigma=N
     compile : bool
         Ray tracing, source reading, lens light and PSF as one ``torch.compile``-d graph
         (:class:`~difflens.simulate.Simulator`; needs a C compiler on CPU).  Pays in float32:
-        on lens 3 of docs/real_data.md a potential + gradient of 8 chains costs 51-55 ms
+        on lens 3 of docs/real_data_studies.md a potential + gradient of 8 chains costs 51-55 ms
         against 83-102 ms eager and 159-163 ms in float64 (2-core CPU,
         benchmarks/RESULTS.md), after a one-off compilation of 20-40 s per batch size.
 
@@ -361,7 +361,7 @@ class LensFit:
         approximation at each (:func:`difflens.infer.importance.sample_modes`).
 
         For posteriors with separated basins that HMC chains cross too rarely to weigh (lens 3
-        of docs/real_data.md).  The first mode is this fit's MAP; each entry of ``starts``
+        of docs/real_data_studies.md).  The first mode is this fit's MAP; each entry of ``starts``
         names another basin by overriding some of the MAP's values (summary conventions:
         ``r_ein`` in arcsec, ``q``, ``phi`` in radians, ``g1``, ...), and a MAP fit from there
         (``steps`` Adam steps, no restarts) finds its mode.  Sites held while sampling
@@ -398,7 +398,7 @@ class LensFit:
         (:func:`difflens.infer.umbrella.sample_umbrella`).
 
         For posteriors with one direction that chains cross only by a slow random walk (lens
-        3's q from 0.4 to 0.85, docs/real_data.md): each chain is held by a harmonic restraint
+        3's q from 0.4 to 0.85, docs/real_data_studies.md): each chain is held by a harmonic restraint
         near one of ``centres`` (q, or a scalar sampled site named by ``coordinate``), mixes
         fast there, and MBAR reweights all windows' draws into the posterior.  ``samples`` and
         ``warmup`` are per chain; ``pilot`` (an earlier run's draws, unconverged is fine)

@@ -300,7 +300,7 @@ class Priors:
         ``r_ein = theta_E / sqrt(q)`` is then derived (recorded beside ``q`` and ``phi``).  This
         changes the prior (uniform in theta_E is not uniform in r_ein unless q is fixed) and the
         coordinates HMC moves in (module doc); on the real HST lenses it did not make HMC mix
-        faster (docs/real_data.md).
+        faster (docs/real_data_studies.md).
 
         Parameters
         ----------
@@ -331,7 +331,7 @@ class Priors:
         that is N(3.1 f, (9.2 f)^2)), which makes the marginal likelihood exact.  Amplitudes
         held fixed (numbers) stay fixed.  The sampler then moves only the non-linear
         parameters; the amplitude and the source's size ``s`` and latent ``z`` were the slowest
-        directions of HMC on the real lenses (docs/real_data.md).
+        directions of HMC on the real lenses (docs/real_data_studies.md).
 
         Examples
         --------

@@ -244,7 +244,7 @@ def sample_posterior(model: LensModel, init: dict, *, num_samples=500, warmup=30
         the second half of pilot chain ``c mod C_pilot`` (:func:`pilot_whitening`).  For
         posteriors whose warm-up metric comes out too narrow: chains that mix slowly in warm-up
         see only part of a curved ridge, so the adapted widths are too small along it (lens 3
-        of docs/real_data.md: up to 17x), trajectories cover a fraction of the ridge and the
+        of docs/real_data_studies.md: up to 17x), trajectories cover a fraction of the ridge and the
         chains random-walk along it.  The pilot's draws measure the whole ridge.
     pilot_flow : bool
         With ``pilot``: also fit a normalising flow to the pilot's whitened draws and run HMC in
