@@ -398,7 +398,7 @@ class LensFit:
         (:func:`difflens.infer.umbrella.sample_umbrella`).
 
         For posteriors with one direction that chains cross only by a slow random walk (lens
-        3's q from 0.4 to 0.85, docs/real_data_studies.md): each chain is held by a harmonic restraint
+        3's q, 0.4-0.85, docs/real_data_studies.md): each chain is held by a harmonic restraint
         near one of ``centres`` (q, or a scalar sampled site named by ``coordinate``), mixes
         fast there, and MBAR reweights all windows' draws into the posterior.  ``samples`` and
         ``warmup`` are per chain; ``pilot`` (an earlier run's draws, unconverged is fine)

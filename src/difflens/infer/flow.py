@@ -13,7 +13,7 @@ whitened draws ``w`` (rather than by variational inference as in NeuTra: the pil
 explored the ridge).  Its last layers start at zero, so an untrained flow is the identity and
 HMC falls back to the linear whitening.
 
-Experimental: on lens 3 of docs/real_data_studies.md it did not lengthen HMC's steps (docs/fitting.md,
+Experimental: on lens 3 of docs/real_data_studies.md it did not lengthen the steps (docs/fitting.md,
 "A flow fitted to the pilot").
 """
 

@@ -1,7 +1,7 @@
 """Posteriors with several modes: importance sampling from Laplace approximations at each mode.
 
 HMC chains cross between separated modes rarely, so the share of draws in each mode -- and every
-posterior moment that depends on it -- converges slowly (lens 3 of docs/real_data_studies.md: a second
+posterior moment depending on it -- converges slowly (lens 3 of docs/real_data_studies.md: a second
 basin entered and left every ~1000 draws).  Importance sampling does not need to cross:
 
 * At each mode ``k`` (a MAP found from a start in that basin) the Laplace approximation

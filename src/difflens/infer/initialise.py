@@ -98,7 +98,7 @@ def fit_lens_light(model: LensModel, steps=300, lbfgs_steps=100, lr=0.05, clip=3
     the model's dtype, on an eager float64 copy of the grid and PSF (a few seconds per start).
 
     Several starts because one is not reliable: the optimisation is chaotic.  On HST lens 3 of
-    docs/real_data_studies.md a change of 1e-9 in the noise map (float32 rounding) moved a single start
+    docs/real_data_studies.md a 1e-9 change of the noise map (float32 rounding) moved a single start
     from a compact core (n 0.7, r_e 0.055", loss 540.0) to n 7.9, r_e 0.31" (loss 549.5) or
     further, and which starts reach the core changes with such rounding; the joint float32
     MAPs that started from the worse prefits (sessions 14-15) ended ~250 nats below the

@@ -1,7 +1,7 @@
 """Umbrella sampling along one slow coordinate, reweighted by MBAR.
 
 Some lens posteriors have one direction that HMC chains cross only by a slow random walk: lens 3
-of docs/real_data_studies.md wanders along a long, curved ellipticity-shear ridge (q from 0.4 to 0.85)
+of docs/real_data_studies.md wanders along a long, curved ellipticity-shear ridge (q 0.4-0.85)
 and needs thousands of draws per traversal, so no run gets a converged share of the ridge's
 ends.  Umbrella sampling (Torrie & Valleau 1977) cuts that direction into windows: chain ``c``
 samples the posterior times a harmonic restraint on a scalar coordinate ``xi`` (e.g. ``q``),
