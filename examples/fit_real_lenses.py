@@ -155,13 +155,20 @@ def main(argv=None):
                          "Laplace approximations at the modes (LensFit.sample_modes; its PSIS "
                          "pareto_k says whether to trust them)")
     ap.add_argument("--umbrella", default=None, metavar="LO:HI:K",
-                    help="instead of plain HMC, umbrella sampling along q: K windows centred "
-                         "from LO to HI, one chain each (--samples, --warmup per chain), "
+                    help="instead of plain HMC, umbrella sampling along q (or "
+                         "--umbrella-coordinate): K windows centred from LO to HI, "
+                         "--umbrella-chains chains each (--samples, --warmup per chain), "
                          "reweighted by MBAR (LensFit.sample_umbrella); for the slow ridge of "
                          "lens 3.  Combines with --pilot")
     ap.add_argument("--umbrella-kappa", type=float, default=None, metavar="KAPPA",
-                    help="with --umbrella: the restraint's stiffness (1/q^2; default "
+                    help="with --umbrella: the restraint's stiffness (1/coordinate^2; default "
                          "1/spacing^2)")
+    ap.add_argument("--umbrella-coordinate", default="q", metavar="SITE",
+                    help="with --umbrella: the coordinate the windows cut, q (default) or a "
+                         "scalar sampled site such as src_s, the source stamp's size (arcsec)")
+    ap.add_argument("--umbrella-chains", type=int, default=1, metavar="N",
+                    help="with --umbrella: chains per window (default 1); with N >= 2 each "
+                         "window's R-hat compares its own chains")
     ap.add_argument("--device", default="cpu",
                     help="cpu or cuda: where the MAP and the chains run (fit_lens(device=))")
     ap.add_argument("--float32", action="store_true",
@@ -197,7 +204,7 @@ def main(argv=None):
             ap.error("--modes must be a JSON list of objects, e.g. '[{\"q\": 0.85}]'")
     if args.importance is not None and (starts is None or args.importance < 2):
         ap.error("--importance needs --modes and N >= 2 draws")
-    windows = None                  # umbrella centres along q
+    windows = None                  # umbrella centres along q or --umbrella-coordinate
     if args.umbrella is not None:
         try:
             lo, hi, k = args.umbrella.split(":")
@@ -209,8 +216,11 @@ def main(argv=None):
         if args.modes is not None or args.pilot_flow or args.per_chain_metric:
             ap.error("--umbrella takes no --modes, --pilot-flow or --per-chain-metric (every "
                      "window adapts its own metric)")
-    elif args.umbrella_kappa is not None:
-        ap.error("--umbrella-kappa needs --umbrella")
+        if args.umbrella_chains < 1:
+            ap.error(f"--umbrella-chains must be >= 1, got {args.umbrella_chains}")
+    elif (args.umbrella_kappa is not None or args.umbrella_coordinate != "q"
+          or args.umbrella_chains != 1):
+        ap.error("--umbrella-kappa, --umbrella-coordinate and --umbrella-chains need --umbrella")
     shared = Path(args.shared)
     if not shared.exists():
         raise SystemExit(f"data folder {shared} not found (pass --shared)")
@@ -271,6 +281,8 @@ def main(argv=None):
         elif windows is not None and args.samples > 0:
             # lens light held at its MAP, as for plain HMC below
             fit = fit.sample_umbrella(windows, args.samples, kappa=args.umbrella_kappa,
+                                      coordinate=args.umbrella_coordinate,
+                                      chains_per_window=args.umbrella_chains,
                                       warmup=args.warmup, pilot=pilot, sample_lens_light=False,
                                       hold=args.hold, seed=args.seed,
                                       checkpoint=checkpoint)
