@@ -431,6 +431,29 @@ def test_sample_posterior_hands_hmc_each_modes_laplace_gaussian_in_its_coordinat
         sample_posterior(model, init, num_samples=2, method="nuts", modes=[other])
 
 
+@pytest.mark.parametrize("passes", [0, 2])
+def test_laplace_whitening_is_a_function_of_the_hessian_not_of_eigenvector_signs(passes):
+    """Where eigenvalues coincide (or nearly: at the curvature floor, or by symmetry) eigh may
+    flip or rotate its eigenvectors under a rounding-level change of the Hessian.  The
+    whitening must not follow them: a run that recomputes it to resume from a checkpoint has to
+    meet the same coordinates (a float32 lens-3 run met u0 apart by 85 before the fix).  Truth:
+    the symmetric root of the exact inverse, H^-1/2, from this test's own eigen-decomposition."""
+    from difflens.infer.mcmc import laplace_whitening
+
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    evals = np.array([2.0, 2.0, 2.0, 5.0, 9.0, 9.0])             # two degenerate eigenspaces
+    prec = torch.tensor(q @ np.diag(evals) @ q.T)
+    root = torch.tensor(q @ np.diag(evals ** -0.5) @ q.T)        # H^-1/2, symmetric
+    x0 = torch.zeros(6, dtype=torch.float64)
+    for scale in (0.0, 1e-12, -1e-12, 3e-12):
+        bump = torch.tensor(rng.normal(size=(6, 6)))
+        p = prec + scale * (bump + bump.T)
+        factor = laplace_whitening(lambda x, p=p: x @ p, x0, passes=passes)
+        assert torch.allclose(factor, root, atol=1e-8)
+        assert torch.allclose(factor @ factor.T, torch.linalg.inv(prec), atol=1e-8)
+
+
 def _equal_modes(d=4):
     """Target 0.7 N(0, I) + 0.3 N(m, I), m 12 sd away (6 along every axis): HMC alone never
     crosses.  Equal widths, so every tempered level holds both modes (at beta their weights

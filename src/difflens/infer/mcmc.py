@@ -92,8 +92,10 @@ def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=1
     factors of 30 in either direction.  So ``passes`` more
     rounds re-measure it as a secant over ``secant_step`` posterior standard deviations along
     each axis of the current whitening, ``H_w = (g(x + d L e_i) - g(x - d L e_i)) L / 2d``, and
-    update ``L <- L V |Lambda|^{-1/2}`` from the eigen-decomposition ``H_w = V Lambda V^T``: the
-    curvature a sampler meets over its step, not at a point.
+    update ``L <- L V |Lambda|^{-1/2} V^T`` from the eigen-decomposition ``H_w = V Lambda V^T``:
+    the curvature a sampler meets over its step, not at a point.  The symmetric root makes ``L``
+    a function of the Hessian alone (not of the signs eigh gives its eigenvectors), so a run
+    that recomputes it, e.g. to resume, gets the same coordinates.
 
     With ``integrate_out`` a block ``e`` of the coordinates (e.g. the 4,096 values of a source
     correction) is integrated out of the Gaussian instead of whitened: the steps move only the
@@ -176,7 +178,11 @@ def _laplace_factor(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16,
         # negative curvature still measures the scale: use |lambda| (Betancourt's SoftAbs idea);
         # proper priors keep widths O(1), so no scale exceeds 1 / sqrt(min_curvature)
         evals = evals.abs().clamp_min(max(float(1e-8 * evals.abs().max()), min_curvature))
-        return base @ (evecs / evals.sqrt())
+        # the symmetric root V |Lambda|^-1/2 V^T, not V |Lambda|^-1/2: eigenvectors are fixed
+        # only up to sign (and to rotation where eigenvalues coincide, e.g. at the floor), and
+        # rounding at the 1e-7 level flipped them, so a float32 run recomputing its whitening
+        # to resume from a checkpoint met other coordinates for the same start (u0 apart by 85)
+        return base @ ((evecs / evals.sqrt()) @ evecs.T)
 
     h = rel_step * flat0[keep].abs().clamp_min(1.0)
     hess, cross = hessian(torch.diag(h))
