@@ -229,9 +229,11 @@ def test_laplace_draws_match_the_posterior_integrated_on_a_grid():
     from difflens.infer import sample_laplace
 
     model, init = two_parameter_problem()
-    post = sample_laplace(model, init, num_samples=4000, seed=3)
+    # 16000 draws: the covariance of 4000 scatters by ~10% between seeds (0.89-1.21 of the
+    # grid's over seeds 0-7), too close to the 15% asked below; of 16000, 0.95-1.08
+    post = sample_laplace(model, init, num_samples=16000, seed=3)
     draws = {k: post.idata.posterior[k].values.reshape(-1) for k in ("r_ein", "gamma")}
-    assert draws["r_ein"].shape == (4000,)
+    assert draws["r_ein"].shape == (16000,)
     rr, gg, logp = posterior_on_grid(model, draws)
     w = moments_match_grid(draws, rr, gg, logp)
     # and the two are correlated as on the grid
