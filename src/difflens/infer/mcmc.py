@@ -179,9 +179,9 @@ def _laplace_factor(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16,
         # proper priors keep widths O(1), so no scale exceeds 1 / sqrt(min_curvature)
         evals = evals.abs().clamp_min(max(float(1e-8 * evals.abs().max()), min_curvature))
         # the symmetric root V |Lambda|^-1/2 V^T, not V |Lambda|^-1/2: eigenvectors are fixed
-        # only up to sign (and to rotation where eigenvalues coincide, e.g. at the floor), and
-        # rounding at the 1e-7 level flipped them, so a float32 run recomputing its whitening
-        # to resume from a checkpoint met other coordinates for the same start (u0 apart by 85)
+        # only up to sign (and to rotation where eigenvalues coincide, e.g. at the floor), so
+        # rounding-level changes of the Hessian may change them: a float32 run recomputing its
+        # whitening to resume met the same start in other coordinates (u0 apart by 85)
         return base @ ((evecs / evals.sqrt()) @ evecs.T)
 
     h = rel_step * flat0[keep].abs().clamp_min(1.0)
