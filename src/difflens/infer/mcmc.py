@@ -81,7 +81,7 @@ class Posterior:
 
 def laplace_whitening(grad_fn, flat0, rel_step=1e-5, min_curvature=1e-2, chunk=16, passes=2,
                       secant_step=0.5, integrate_out=None):
-    """Cholesky-like factor L of the inverse Hessian of the potential at ``flat0``.
+    """A square root L (``L L^T = H^-1``) of the inverse Hessian of the potential at ``flat0``.
 
     First the Hessian from central differences of autograd gradients with a tiny step (2 D
     evaluations, ``chunk`` of them per batched call; no second derivatives needed), symmetrised,
